@@ -1,0 +1,325 @@
+"""Public, checked entry points to the fedcomp ops.
+
+Each function validates its arguments (``TypeError`` for a wrong type or
+dtype, ``ValueError`` for a wrong value, shape, device or layout, each naming
+the argument and what was expected), picks the backend for the tensors'
+device (:mod:`fedcomp._backend`), and calls ``torch.ops.fedcomp.<op>``.
+
+Shapes and dtypes
+-----------------
+``x``: 1-D contiguous float32, float16 or bfloat16 tensor of ``n`` entries.
+``residual``: ``None`` (no error feedback) or a tensor like ``x`` (same shape,
+dtype and device) that the op updates in place. Error-feedback invariant:
+``decode(payload) + residual_after == x + residual_before``, exactly for
+top-k in fp32 (values and residual are rounded to the storage dtype for
+fp16/bf16), up to fp32 rounding for the quantizers.
+
+Non-finite input: ``topk_ef`` orders NaN above +Inf above every finite value,
+so non-finite entries are sent first rather than hidden in the residual;
+``sign_ef``/``qsgd`` propagate NaN/Inf into the block scale, so the decoded
+block is NaN. No op raises on NaN (that would need a host synchronisation).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from . import _backend, _library  # noqa: F401  (_library defines the ops)
+from .reference import qsgd_bits
+
+__all__ = [
+    "topk_ef",
+    "topk_threshold_ef",
+    "sign_ef",
+    "sign_decode",
+    "sign_majority",
+    "qsgd",
+    "qsgd_decode",
+    "sparse_accumulate",
+]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int64, torch.int32)
+MAX_LEVELS = 1 << 15
+_ops = torch.ops.fedcomp
+
+
+# --------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------
+def _names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def _check_tensor(name: str, t, dtypes, dim: int = 1) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {_names(dtypes)}; got {str(t.dtype).replace('torch.', '')}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D; got shape {tuple(t.shape)} (use .reshape(-1) to flatten)")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous; call .contiguous() first")
+
+
+def _check_residual(residual, x: Tensor) -> None:
+    if residual is None:
+        return
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual must have the dtype of x ({x.dtype}); got {residual.dtype}")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have the shape of x {tuple(x.shape)}; got {tuple(residual.shape)}")
+    if residual.device != x.device:
+        raise ValueError(f"residual must be on the device of x ({x.device}); got {residual.device}")
+    if not residual.is_contiguous():
+        raise ValueError("residual must be contiguous; call .contiguous() first")
+    if residual.numel() and residual.data_ptr() == x.data_ptr():
+        raise ValueError("residual must not share memory with x")
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be in {bound}; got {value}")
+    return value
+
+
+def _block(block, n: int, name: str = "block") -> int:
+    """``None`` means one block holding all ``n`` entries."""
+    if block is None:
+        return max(n, 1)
+    return _check_int(name, block, 1)
+
+
+def _seed(seed, generator) -> int:
+    if seed is not None and generator is not None:
+        raise ValueError("pass seed or generator, not both")
+    if seed is not None:
+        return _check_int("seed", seed, 0, (1 << 63) - 1)
+    return int(torch.randint(0, 1 << 62, (1,), generator=generator).item())
+
+
+def _input(x, residual) -> Tensor:
+    _check_tensor("x", x, FLOAT_DTYPES)
+    _check_residual(residual, x)
+    _backend.backend_for(x.device.type)
+    return x.detach()
+
+
+# --------------------------------------------------------------------------
+# top-k
+# --------------------------------------------------------------------------
+def topk_ef(
+    x: Tensor, residual: Tensor | None, k: int, *, index_dtype: torch.dtype = torch.int64
+) -> tuple[Tensor, Tensor]:
+    """Exact top-k by magnitude with error feedback.
+
+    ``a = x + residual`` (fp32, rounded to ``x.dtype``); picks the ``k`` entries
+    of largest ``|a|``, ties broken by the lower index.
+
+    Args:
+        x: ``[n]`` float32/float16/bfloat16, contiguous.
+        residual: ``[n]`` like ``x`` or ``None``; set in place to ``a`` with the
+            picked entries zeroed.
+        k: number of entries to keep, ``0 <= k <= n``.
+        index_dtype: ``torch.int64`` (default) or ``torch.int32``.
+
+    Returns:
+        ``(values [k] x.dtype, indices [k] index_dtype)``, indices sorted ascending,
+        ``values = a[indices]``.
+    """
+    x = _input(x, residual)
+    k = _check_int("k", k, 0, x.numel())
+    if index_dtype not in INDEX_DTYPES:
+        raise TypeError(f"index_dtype must be {_names(INDEX_DTYPES)}; got {index_dtype}")
+    if index_dtype == torch.int32 and x.numel() > 2**31 - 1:
+        raise ValueError(f"index_dtype=int32 cannot index {x.numel()} entries; use int64")
+    return _ops.topk_ef(x, residual, k, index_dtype)
+
+
+def topk_threshold_ef(
+    x: Tensor,
+    residual: Tensor | None,
+    k: int,
+    *,
+    capacity: int | None = None,
+    sample_size: int = 65536,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Approximate top-k: threshold estimated from a sample, fixed-capacity output.
+
+    ``sample_size`` positions are drawn with Philox(``seed``); the threshold ``t`` is
+    the ``ceil(k * sample_size / n)``-th largest ``|a|`` among them; entries with
+    ``|a| >= t`` are kept in index order until ``capacity`` is full. Entries not kept
+    (below ``t``, or past ``capacity``) stay in ``residual``. No host synchronisation.
+
+    Args:
+        x, residual: as in :func:`topk_ef`.
+        k: target number of entries, ``0 <= k <= n``.
+        capacity: size of the output buffers (default ``min(n, 2k)``).
+        sample_size: number of sampled positions, ``>= 1``.
+        seed: Philox seed of the sample positions, ``0 <= seed < 2**63``.
+
+    Returns:
+        ``(values [capacity] x.dtype, indices [capacity] int64, count [] int64)``; slots
+        ``>= count`` hold value 0 at index 0 (harmless to :func:`sparse_accumulate`).
+    """
+    x = _input(x, residual)
+    n = x.numel()
+    k = _check_int("k", k, 0, n)
+    capacity = min(n, 2 * k) if capacity is None else _check_int("capacity", capacity, 0, n)
+    sample_size = _check_int("sample_size", sample_size, 1)
+    seed = _check_int("seed", seed, 0, (1 << 63) - 1)
+    return _ops.topk_threshold_ef(x, residual, k, capacity, sample_size, seed)
+
+
+# --------------------------------------------------------------------------
+# sign
+# --------------------------------------------------------------------------
+def sign_ef(
+    x: Tensor, residual: Tensor | None, block: int | None = None, scale: str = "mean"
+) -> tuple[Tensor, Tensor]:
+    """1-bit sign quantization with per-block scales and error feedback.
+
+    ``a = x + residual`` (fp32). Per block of ``block`` contiguous entries (the last
+    may be short; ``None``: one block) ``scale_b = mean(|a_b|)`` (``scale="l2"``:
+    ``||a_b||_2 / sqrt(n_b)``). Bit ``i`` is ``a_i >= 0``, stored as bit ``i % 8`` of
+    byte ``i // 8``. ``residual <- a - scale_b * (+1 | -1)``.
+
+    Returns:
+        ``(packed [ceil(n/8)] uint8, scales [ceil(n/block)] float32)``.
+    """
+    x = _input(x, residual)
+    block = _block(block, x.numel())
+    if scale not in ("mean", "l2"):
+        raise ValueError(f"scale must be 'mean' or 'l2'; got {scale!r}")
+    return _ops.sign_ef(x, residual, block, scale == "l2")
+
+
+def _check_stream(packed, scales, numel, block, width: int, scales_name: str) -> tuple[int, int]:
+    _check_tensor("packed", packed, (torch.uint8,))
+    _check_tensor(scales_name, scales, (torch.float32,))
+    numel = _check_int("numel", numel, 0)
+    block = _block(block, numel)
+    want = (numel * width + 7) // 8
+    if packed.numel() != want:
+        raise ValueError(f"packed must hold {want} bytes for numel={numel}; got {packed.numel()}")
+    nblocks = -(-numel // block)
+    if scales.numel() != nblocks:
+        raise ValueError(f"{scales_name} must hold {nblocks} entries for numel={numel}, block={block}; got {scales.numel()}")
+    if scales.device != packed.device:
+        raise ValueError(f"{scales_name} must be on the device of packed ({packed.device}); got {scales.device}")
+    _backend.backend_for(packed.device.type)
+    return numel, block
+
+
+def sign_decode(packed: Tensor, scales: Tensor, numel: int, block: int | None = None) -> Tensor:
+    """Dense ``[numel]`` float32: ``scale_b * (+1 if bit else -1)``.
+
+    Args:
+        packed: ``[ceil(numel/8)]`` uint8 from :func:`sign_ef`.
+        scales: ``[ceil(numel/block)]`` float32.
+        numel: number of entries.
+        block: the block size given to :func:`sign_ef` (``None``: one block).
+    """
+    numel, block = _check_stream(packed, scales, numel, block, 1, "scales")
+    return _ops.sign_decode(packed, scales, numel, block)
+
+
+def sign_majority(packed_stack: Tensor) -> Tensor:
+    """Bitwise majority vote (signSGD with majority vote) over ``m`` packed sign vectors.
+
+    Args:
+        packed_stack: ``[m, nbytes]`` uint8, ``m >= 1``, one packed sign vector per row.
+
+    Returns:
+        ``[nbytes]`` uint8 where each bit is 1 iff at least half of the rows have it set
+        (ties give 1).
+    """
+    _check_tensor("packed_stack", packed_stack, (torch.uint8,), dim=2)
+    if packed_stack.shape[0] < 1:
+        raise ValueError("packed_stack must have at least one row")
+    _backend.backend_for(packed_stack.device.type)
+    return _ops.sign_majority(packed_stack)
+
+
+# --------------------------------------------------------------------------
+# QSGD
+# --------------------------------------------------------------------------
+def qsgd(
+    x: Tensor,
+    residual: Tensor | None = None,
+    levels: int = 4,
+    bucket: int | None = 512,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Unbiased stochastic quantization (QSGD), bit-packed, optionally with error feedback.
+
+    ``a = x + residual`` (fp32). Per bucket ``norm_b = ||a_b||_2``; ``q_i =
+    min(L, floor(L * |a_i| / norm_b + u_i))`` with ``u_i`` from Philox(seed, i); the code
+    ``L + sign(a_i) q_i`` takes ``2L+1`` values, stored in ``ceil(log2(2L+1))`` bits.
+    ``E[qsgd_decode(...)] = a``. ``residual <- a - decode``.
+
+    Args:
+        x, residual: as in :func:`topk_ef`.
+        levels: ``L``, ``1 <= L <= 32768``.
+        bucket: entries per bucket (``None``: one bucket).
+        seed: Philox seed; if ``None`` one is drawn from ``generator`` (or torch's default).
+
+    Returns:
+        ``(packed [ceil(n * bits / 8)] uint8, norms [ceil(n/bucket)] float32)``.
+    """
+    x = _input(x, residual)
+    levels = _check_int("levels", levels, 1, MAX_LEVELS)
+    bucket = _block(bucket, x.numel(), "bucket")
+    return _ops.qsgd(x, residual, levels, bucket, _seed(seed, generator))
+
+
+def qsgd_decode(packed: Tensor, norms: Tensor, numel: int, levels: int, bucket: int | None = 512) -> Tensor:
+    """Dense ``[numel]`` float32 ``(code - L) * norm_b / L`` from :func:`qsgd`'s output."""
+    levels = _check_int("levels", levels, 1, MAX_LEVELS)
+    numel, bucket = _check_stream(packed, norms, numel, bucket, qsgd_bits(levels), "norms")
+    return _ops.qsgd_decode(packed, norms, numel, levels, bucket)
+
+
+# --------------------------------------------------------------------------
+# aggregation
+# --------------------------------------------------------------------------
+def sparse_accumulate(out: Tensor, indices: Tensor, values: Tensor, alpha: float = 1.0) -> Tensor:
+    """``out[indices] += alpha * values`` in place; duplicate indices accumulate.
+
+    Args:
+        out: ``[n]`` float32 dense accumulator (e.g. the server's aggregate).
+        indices: ``[m]`` int64 or int32, each in ``[0, n)`` (``IndexError`` otherwise).
+        values: ``[m]`` float32/float16/bfloat16.
+        alpha: finite scale (e.g. a client weight).
+
+    Returns:
+        ``out``.
+    """
+    _check_tensor("out", out, (torch.float32,))
+    _check_tensor("indices", indices, INDEX_DTYPES)
+    _check_tensor("values", values, FLOAT_DTYPES)
+    if indices.numel() != values.numel():
+        raise ValueError(f"indices and values must have the same length; got {indices.numel()} and {values.numel()}")
+    for name, t in (("indices", indices), ("values", values)):
+        if t.device != out.device:
+            raise ValueError(f"{name} must be on the device of out ({out.device}); got {t.device}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a float; got {type(alpha).__name__}")
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite; got {alpha!r}")
+    _backend.backend_for(out.device.type)
+    _ops.sparse_accumulate(out, indices, values.detach(), float(alpha))
+    return out

@@ -1,0 +1,290 @@
+"""Pure-PyTorch reference implementations: the specification of every op.
+
+These functions are written to be read, not to be fast. Every other backend
+(C++ CPU, Triton, CUDA) is tested against them. They take already-validated
+arguments (see :mod:`fedcomp.ops` for the public, checked entry points) and
+follow the same floating-point recipe as the kernels in
+``csrc/common/fedcomp_math.h``: one IEEE fp32 operation at a time.
+
+Conventions shared by all ops
+-----------------------------
+* ``a = x + residual`` is computed in fp32. ``topk_ef`` rounds ``a`` once to the
+  storage dtype of ``x`` (values and residual live in that dtype, and the
+  selection is made on what is stored); the quantizers keep ``a`` in fp32 and
+  round ``residual = a - decode(code)`` once.
+* Magnitudes are ordered by the key ``bits(|a|)`` (see ``abs_key``): NaN sorts
+  above +Inf, which sorts above every finite value.
+* Bit streams are little-endian: bit ``j`` of a stream is bit ``j % 8`` of
+  byte ``j // 8``; a ``w``-bit code ``i`` occupies stream bits
+  ``[i*w, (i+1)*w)``, least significant bit first (``numpy.packbits(...,
+  bitorder="little")`` for ``w = 1``). Padding bits are zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "abs_key",
+    "pack_codes",
+    "unpack_codes",
+    "philox_uniform24",
+    "philox_sample_positions",
+    "block_counts",
+    "topk_ef",
+    "topk_threshold_ef",
+    "sign_ef",
+    "sign_decode",
+    "sign_majority",
+    "qsgd_bits",
+    "qsgd_norms",
+    "qsgd_codes",
+    "qsgd",
+    "qsgd_decode",
+    "sparse_accumulate",
+]
+
+_M32 = 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+def abs_key(a: Tensor) -> Tensor:
+    """int64 key that orders like ``|a|`` (``a`` fp32): the IEEE bits with the sign cleared."""
+    return (a.float().contiguous().view(torch.int32).long() & 0x7FFFFFFF)
+
+
+def pack_codes(codes: Tensor, width: int) -> Tensor:
+    """Pack non-negative integer codes of ``width`` bits into a little-endian uint8 stream."""
+    n = codes.numel()
+    shifts = torch.arange(width, device=codes.device)
+    bits = ((codes.long().unsqueeze(1) >> shifts) & 1).reshape(-1)
+    nbytes = (n * width + 7) // 8
+    bits = torch.nn.functional.pad(bits, (0, nbytes * 8 - bits.numel()))
+    weights = torch.arange(8, device=codes.device)
+    return (bits.view(nbytes, 8) << weights).sum(1).to(torch.uint8)
+
+
+def unpack_codes(packed: Tensor, numel: int, width: int) -> Tensor:
+    """Inverse of :func:`pack_codes`: int64 codes of shape ``[numel]``."""
+    weights = torch.arange(8, device=packed.device)
+    bits = ((packed.long().unsqueeze(1) >> weights) & 1).reshape(-1)[: numel * width]
+    shifts = torch.arange(width, device=packed.device)
+    return (bits.view(numel, width) << shifts).sum(1)
+
+
+def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(hi, lo) 32-bit words of the 64-bit product ``a * b`` (``b`` holds uint32 in int64)."""
+    p_lo = a * (b & 0xFFFF)  # < 2**48
+    p_hi = a * (b >> 16)  # < 2**48
+    t = p_lo + ((p_hi & 0xFFFF) << 16)
+    return (p_hi >> 16) + (t >> 32), t & _M32
+
+
+def _philox4x32_10(seed: int, counter: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32-10 as Triton's ``tl.philox``: key = (seed_lo, seed_hi), counter = (i_lo, i_hi, 0, 0)."""
+    c0 = counter & _M32
+    c1 = (counter >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo(0xCD9E8D57, c2)
+        hi_a, lo_a = _mulhilo(0xD2511F53, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    return c0, c1, c2, c3
+
+
+def philox_uniform24(seed: int, n: int, device: torch.device | str = "cpu") -> Tensor:
+    """``u_i = (philox(seed, i).word0 >> 8) * 2**-24`` for ``i < n``: fp32 in [0, 1)."""
+    words = _philox4x32_10(seed, torch.arange(n, device=device, dtype=torch.int64))[0]
+    return (words >> 8).float() * 2.0**-24
+
+
+def philox_sample_positions(seed: int, s: int, n: int, device: torch.device | str = "cpu") -> Tensor:
+    """Sample positions ``(word1 << 32 | word0) mod n`` for ``j < s`` (unsigned 64-bit arithmetic)."""
+    c0, c1, _, _ = _philox4x32_10(seed, torch.arange(s, device=device, dtype=torch.int64))
+    # (c1 * 2**32 + c0) mod n without leaving int64: reduce each part first.
+    r32 = (1 << 32) % n
+    return ((c1 % n) * r32 % n + c0 % n) % n if n < (1 << 31) else _mod_u64_python(c1, c0, n)
+
+
+def _mod_u64_python(c1: Tensor, c0: Tensor, n: int) -> Tensor:
+    vals = [((int(h) << 32) | int(lo)) % n for h, lo in zip(c1.tolist(), c0.tolist())]
+    return torch.tensor(vals, dtype=torch.int64, device=c0.device)
+
+
+def block_counts(n: int, block: int, device: torch.device | str = "cpu") -> Tensor:
+    """Element count of each block of ``block`` contiguous entries (the last may be short)."""
+    nblocks = -(-n // block)
+    counts = torch.full((nblocks,), block, dtype=torch.int64, device=device)
+    if nblocks:
+        counts[-1] = n - (nblocks - 1) * block
+    return counts
+
+
+def _block_sums(values: Tensor, block: int) -> Tensor:
+    """fp64 sum of each block of ``values`` (fp32 or fp64)."""
+    n = values.numel()
+    nblocks = -(-n // block)
+    padded = torch.nn.functional.pad(values.double(), (0, nblocks * block - n))
+    return padded.view(nblocks, block).sum(1)
+
+
+# --------------------------------------------------------------------------
+# top-k
+# --------------------------------------------------------------------------
+def topk_ef(x: Tensor, residual: Tensor | None, k: int, index_dtype: torch.dtype = torch.int64):
+    """Exact top-k by magnitude with error feedback.
+
+    ``a = round_dtype(x + residual)``; pick the ``k`` entries of largest ``|a|``,
+    ties broken by lower index; ``indices`` sorted ascending; ``values = a[indices]``;
+    ``residual <- a`` with the picked entries zeroed.
+    """
+    a = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    order = torch.sort(abs_key(a), descending=True, stable=True).indices[:k]
+    indices = order.sort().values
+    values = a[indices]
+    if residual is not None:
+        residual.copy_(a)
+        residual[indices] = 0
+    return values, indices.to(index_dtype)
+
+
+def topk_threshold_ef(
+    x: Tensor, residual: Tensor | None, k: int, capacity: int, sample_size: int, seed: int
+):
+    """Approximate top-k: a threshold from a sample, then a fixed-capacity compaction.
+
+    ``s = sample_size`` positions ``p_j`` (:func:`philox_sample_positions`) are drawn;
+    ``t`` is the ``m``-th largest key of ``|a[p_j]|`` with ``m = ceil(k*s/n)``; the
+    entries with ``key(|a|) >= t`` are kept in index order up to ``capacity``; the
+    rest (including any overflow beyond ``capacity``) stay in the residual.
+    Unused slots hold value 0 at index 0, so the full buffers can be fed to
+    ``sparse_accumulate`` with no host synchronisation. ``count`` is a 0-d int64 tensor.
+    """
+    n = x.numel()
+    a = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    key = abs_key(a)
+    values = torch.zeros(capacity, dtype=x.dtype, device=x.device)
+    indices = torch.zeros(capacity, dtype=torch.int64, device=x.device)
+    kept = torch.zeros(0, dtype=torch.int64, device=x.device)
+    if k > 0 and n > 0:
+        sample = key[philox_sample_positions(seed, sample_size, n, x.device)]
+        m = -(-k * sample_size // n)
+        threshold = torch.sort(sample, descending=True).values[m - 1]
+        kept = torch.nonzero(key >= threshold).flatten()[:capacity]
+    values[: kept.numel()] = a[kept]
+    indices[: kept.numel()] = kept
+    if residual is not None:
+        residual.copy_(a)
+        residual[kept] = 0
+    return values, indices, torch.tensor(kept.numel(), dtype=torch.int64, device=x.device)
+
+
+# --------------------------------------------------------------------------
+# sign
+# --------------------------------------------------------------------------
+def sign_ef(x: Tensor, residual: Tensor | None, block: int, l2: bool):
+    """1-bit sign quantization with per-block scales and error feedback.
+
+    ``a = x + residual`` (fp32); ``scale_b = mean(|a_b|)`` (``l2``: ``||a_b||_2 / sqrt(n_b)``),
+    accumulated in fp64 and rounded to fp32; bit ``i = a_i >= 0`` packed little-endian;
+    ``residual <- a - scale_b * (+1 | -1)``.
+    """
+    n = x.numel()
+    a = x.float() if residual is None else x.float() + residual.float()
+    counts = block_counts(n, block, x.device)
+    if l2:
+        scales = (_block_sums(a.double().square(), block) / counts).sqrt().float()
+    else:
+        scales = (_block_sums(a.abs(), block) / counts).float()
+    bits = a >= 0
+    if residual is not None:
+        sgn = torch.where(bits, 1.0, -1.0)
+        residual.copy_(a - scales.repeat_interleave(counts) * sgn)
+    return pack_codes(bits, 1), scales
+
+
+def sign_decode(packed: Tensor, scales: Tensor, numel: int, block: int) -> Tensor:
+    """Dense fp32 ``[numel]``: ``scale_b * (+1 if bit else -1)``."""
+    bits = unpack_codes(packed, numel, 1)
+    counts = block_counts(numel, block, packed.device)
+    return torch.where(bits == 1, 1.0, -1.0) * scales.repeat_interleave(counts)
+
+
+def sign_majority(packed_stack: Tensor) -> Tensor:
+    """Bitwise majority over the rows of a ``[m, nbytes]`` uint8 stack; ties give 1."""
+    m, nbytes = packed_stack.shape
+    bits = torch.stack([unpack_codes(row, nbytes * 8, 1) for row in packed_stack]) if m else None
+    ones = bits.sum(0) if m else torch.zeros(nbytes * 8, dtype=torch.int64, device=packed_stack.device)
+    return pack_codes(2 * ones >= m, 1)
+
+
+# --------------------------------------------------------------------------
+# QSGD
+# --------------------------------------------------------------------------
+def qsgd_bits(levels: int) -> int:
+    """Fewest whole bits that hold the 2*levels + 1 signed codes."""
+    return max(1, math.ceil(math.log2(2 * levels + 1)))
+
+
+def qsgd_norms(a: Tensor, bucket: int) -> Tensor:
+    """fp32 L2 norm of each bucket, accumulated in fp64."""
+    return _block_sums(a.double().square(), bucket).sqrt().float()
+
+
+def qsgd_codes(a: Tensor, norms: Tensor, levels: int, bucket: int, seed: int) -> Tensor:
+    """Codes ``L + sign(a) * min(L, floor(L*|a|/norm + u))`` (0 magnitude where non-finite)."""
+    n = a.numel()
+    norm = norms.repeat_interleave(block_counts(n, bucket, a.device))
+    t = levels * a.abs()
+    t = t / norm
+    t = t + philox_uniform24(seed, n, a.device)
+    q = torch.where(torch.isfinite(t), torch.floor(t), 0.0).clamp(max=levels).long()
+    return torch.where(a < 0, levels - q, levels + q)
+
+
+def qsgd(x: Tensor, residual: Tensor | None, levels: int, bucket: int, seed: int):
+    """Unbiased stochastic quantization (QSGD) per bucket, optionally with error feedback.
+
+    Returns ``(packed, norms)``: codes of :func:`qsgd_bits` bits, packed little-endian, and
+    fp32 bucket norms. ``E[qsgd_decode(...)] = x + residual``; ``residual <- a - decode``.
+    """
+    n = x.numel()
+    a = x.float() if residual is None else x.float() + residual.float()
+    norms = qsgd_norms(a, bucket)
+    codes = qsgd_codes(a, norms, levels, bucket, seed)
+    if residual is not None:
+        residual.copy_(a - _qsgd_values(codes, norms, n, levels, bucket))
+    return pack_codes(codes, qsgd_bits(levels)), norms
+
+
+def _qsgd_values(codes: Tensor, norms: Tensor, numel: int, levels: int, bucket: int) -> Tensor:
+    norm = norms.repeat_interleave(block_counts(numel, bucket, norms.device))
+    return (codes - levels).float() * norm / levels
+
+
+def qsgd_decode(packed: Tensor, norms: Tensor, numel: int, levels: int, bucket: int) -> Tensor:
+    """Dense fp32 ``[numel]``: ``(code - L) * norm_b / L``."""
+    codes = unpack_codes(packed, numel, qsgd_bits(levels))
+    return _qsgd_values(codes, norms, numel, levels, bucket)
+
+
+# --------------------------------------------------------------------------
+# aggregation
+# --------------------------------------------------------------------------
+def sparse_accumulate(out: Tensor, indices: Tensor, values: Tensor, alpha: float) -> None:
+    """``out[indices] += alpha * values`` (duplicates accumulate, in list order)."""
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= out.numel()):
+        raise IndexError(
+            f"sparse_accumulate: indices must lie in [0, {out.numel()}), "
+            f"got min {int(indices.min())}, max {int(indices.max())}"
+        )
+    out.index_add_(0, indices.long(), (values.float() * alpha).to(out.dtype))
