@@ -102,8 +102,9 @@ def _philox4x32_10(seed: int, counter: Tensor) -> tuple[Tensor, Tensor, Tensor, 
 
 
 def philox_uniform24(seed: int, n: int, device: torch.device | str = "cpu") -> Tensor:
-    """``u_i = (philox(seed, i).word0 >> 8) * 2**-24`` for ``i < n``: fp32 in [0, 1)."""
-    words = _philox4x32_10(seed, torch.arange(n, device=device, dtype=torch.int64))[0]
+    """``u_i = (word_{i % 4}(philox(seed, i // 4)) >> 8) * 2**-24`` for ``i < n``: fp32 in [0, 1)."""
+    counters = torch.arange(-(-n // 4), device=device, dtype=torch.int64)
+    words = torch.stack(_philox4x32_10(seed, counters), dim=1).reshape(-1)[:n]
     return (words >> 8).float() * 2.0**-24
 
 

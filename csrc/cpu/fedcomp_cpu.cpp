@@ -43,101 +43,82 @@ void for_chunks(int64_t n, int64_t chunk, const F& fn) {
 // ===========================================================================
 // topk_ef: exact top-k by |a| with ties to the lower index, indices ascending.
 //
-// Memory passes (n = numel, reading `a` means reading the residual buffer,
-// which holds a after pass 1):
-//   1. a = x + r, written back into r; 11-bit histogram of key >> 20, per chunk.
-//   2..3. only while the boundary bin still holds more keys than are needed:
-//      10-bit histogram of the next key bits among keys that share the prefix.
-//   4. compaction: write values/indices of the picked entries and zero them
-//      in r. Each chunk's output offset is known from its own histograms, so
-//      the output comes out sorted by index without a sort or a merge.
-// No temporary of size n: the histograms are 2048 counters per chunk.
+// key = abs_key(a) (31 bits). Passes over memory (reading `a` means reading
+// the residual buffer, which holds a after pass 1):
+//   1. a = x + r, written back into r; per-chunk histogram of the top 11 key
+//      bits (2048 bins). This fixes the boundary bin B: the entries of bins
+//      above B are all picked, `need` more come from bin B.
+//   2. gather (common case, bin B holds at most kCandidateCap(n) entries):
+//      one read of a that copies the picked entries (bins > B) to a
+//      k-sized buffer and zeroes them in r, and the bin-B entries to a
+//      candidate list. The threshold among the candidates is then resolved
+//      in the small list, and a merge of two index-sorted lists writes the
+//      output, sorted by index. Total: the add plus one read.
+//   2'. fallback (bin B larger than the cap, e.g. many equal magnitudes):
+//      10-bit histograms of the next key digits among the keys that share
+//      the prefix (up to two reads), then one compaction read whose per-chunk
+//      output offsets come from the histograms, so the output is sorted by
+//      index with no sort or merge.
+// Temporaries: 2048 counters per 64K-element chunk, buffers of size <= k,
+// and a candidate list of at most n/32 + 64K entries; never a copy of x.
 // ===========================================================================
-struct RadixLevel {
-  int shift;  // key bits below this level's digit
-  int bins;   // 2048 for the first level, 1024 after
-};
-constexpr std::array<RadixLevel, 3> kLevels{{{20, 2048}, {10, 1024}, {0, 1024}}};
+constexpr int kTopBins = 2048;  // first digit: key >> 20
+
+inline int64_t candidate_cap(int64_t n) { return n / 32 + 65536; }
+
+// Chosen digit of a histogram: the highest bin `d` with
+// count(bins > d) < need <= count(bins >= d). Updates need to the number
+// still to take from bin d.
+inline int pick_digit(const std::vector<int64_t>& total, int64_t& need) {
+  int digit = static_cast<int>(total.size()) - 1;
+  while (total[digit] < need) need -= total[digit--];
+  return digit;
+}
 
 template <typename scalar_t, typename index_t>
-void topk_ef_impl(const scalar_t* x, scalar_t* r, int64_t n, int64_t k, scalar_t* out_v,
-                  index_t* out_i) {
+void topk_multilevel(const scalar_t* a, scalar_t* r, int64_t n, int64_t need, uint32_t prefix,
+                     std::vector<uint32_t>& hist, std::vector<int64_t>& above, scalar_t* out_v,
+                     index_t* out_i) {
   const int64_t nchunks = ceil_div(n, kChunk);
-  std::vector<uint32_t> hist(static_cast<size_t>(nchunks) * 2048);
-  // Number of picked entries in each chunk that are strictly above the
-  // threshold, accumulated level by level.
-  std::vector<int64_t> above(nchunks, 0);
-  const scalar_t* a = r ? r : x;
-
-  // Pass 1 (fused with the add): histogram of the top 11 key bits.
-  for_chunks(n, kChunk, [&](int64_t c, int64_t b, int64_t e) {
-    uint32_t* h = hist.data() + c * 2048;
-    if (r) {
+  int shift = 20;
+  bool split_ties = false;  // the full key is fixed and ties remain
+  for (int dshift : {10, 0}) {
+    std::fill(hist.begin(), hist.end(), 0u);
+    const int pshift = shift;
+    for_chunks(n, kChunk, [&](int64_t c, int64_t b, int64_t e) {
+      uint32_t* h = hist.data() + c * kTopBins;
       for (int64_t i = b; i < e; ++i) {
-        const scalar_t s = static_cast<scalar_t>(to_f(x[i]) + to_f(r[i]));
-        r[i] = s;
-        ++h[abs_key(to_f(s)) >> 20];
+        const uint32_t key = abs_key(to_f(a[i]));
+        if ((key >> pshift) == prefix) ++h[(key >> dshift) & 1023];
       }
-    } else {
-      for (int64_t i = b; i < e; ++i) ++h[abs_key(to_f(x[i])) >> 20];
-    }
-  });
-  if (k == 0) return;
-
-  // Resolve the threshold digit by digit. `prefix` holds the key bits fixed
-  // so far; `need` how many entries are still to be taken from keys that
-  // start with `prefix`.
-  int64_t need = k;
-  uint32_t prefix = 0;
-  int shift = 32;
-  bool exact_tie_split = false;  // true when the full 31-bit key is fixed and ties remain
-  for (size_t level = 0; level < kLevels.size(); ++level) {
-    const int bins = kLevels[level].bins;
-    const int dshift = kLevels[level].shift;
-    if (level > 0) {
-      std::fill(hist.begin(), hist.end(), 0u);
-      const uint32_t want = prefix;
-      const int pshift = shift;
-      for_chunks(n, kChunk, [&](int64_t c, int64_t b, int64_t e) {
-        uint32_t* h = hist.data() + c * 2048;
-        for (int64_t i = b; i < e; ++i) {
-          const uint32_t key = abs_key(to_f(a[i]));
-          if ((key >> pshift) == want) ++h[(key >> dshift) & (bins - 1)];
-        }
-      });
-    }
-    std::vector<int64_t> total(bins, 0);
+    });
+    std::vector<int64_t> total(1024, 0);
     for (int64_t c = 0; c < nchunks; ++c)
-      for (int d = 0; d < bins; ++d) total[d] += hist[c * 2048 + d];
-    int digit = bins - 1;
-    while (total[digit] < need) need -= total[digit--];
+      for (int d = 0; d < 1024; ++d) total[d] += hist[c * kTopBins + d];
+    const int digit = pick_digit(total, need);
     for (int64_t c = 0; c < nchunks; ++c)
-      for (int d = digit + 1; d < bins; ++d) above[c] += hist[c * 2048 + d];
-    prefix = (prefix << (shift - dshift)) | static_cast<uint32_t>(digit);
+      for (int d = digit + 1; d < 1024; ++d) above[c] += hist[c * kTopBins + d];
+    prefix = (prefix << 10) | static_cast<uint32_t>(digit);
     shift = dshift;
     if (need == total[digit]) {  // the whole bin is taken: no ties to split
-      for (int64_t c = 0; c < nchunks; ++c) above[c] += hist[c * 2048 + digit];
+      for (int64_t c = 0; c < nchunks; ++c) above[c] += hist[c * kTopBins + digit];
       break;
     }
-    exact_tie_split = (level + 1 == kLevels.size());
+    split_ties = dshift == 0;
   }
-
-  // Per-chunk share of the tied keys (key == prefix), in index order, and
-  // per-chunk output offsets.
+  // Each chunk's share of the tied keys (key == prefix) in index order, and
+  // its output offset.
   std::vector<int64_t> ties(nchunks, 0), offset(nchunks + 1, 0);
-  if (exact_tie_split) {
-    int64_t left = need;
-    for (int64_t c = 0; c < nchunks; ++c) {
-      ties[c] = std::min<int64_t>(left, hist[c * 2048 + (prefix & 1023)]);
-      left -= ties[c];
-    }
+  int64_t left = split_ties ? need : 0;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    ties[c] = std::min<int64_t>(left, hist[c * kTopBins + (prefix & 1023)]);
+    left -= ties[c];
+    offset[c + 1] = offset[c] + above[c] + ties[c];
   }
-  for (int64_t c = 0; c < nchunks; ++c) offset[c + 1] = offset[c] + above[c] + ties[c];
   // Picked: key > gt, or key == eq for the chunk's first ties[c] such keys.
   const int64_t lo = static_cast<int64_t>(prefix) << shift;
-  const int64_t gt = exact_tie_split ? lo : lo - 1;
-  const int64_t eq = exact_tie_split ? lo : -1;
-
+  const int64_t gt = split_ties ? lo : lo - 1;
+  const int64_t eq = split_ties ? lo : -1;
   for_chunks(n, kChunk, [&](int64_t c, int64_t b, int64_t e) {
     int64_t pos = offset[c];
     const int64_t end = offset[c + 1];
@@ -153,6 +134,108 @@ void topk_ef_impl(const scalar_t* x, scalar_t* r, int64_t n, int64_t k, scalar_t
       }
     }
   });
+}
+
+template <typename scalar_t, typename index_t>
+void topk_ef_impl(const scalar_t* x, scalar_t* r, int64_t n, int64_t k, scalar_t* out_v,
+                  index_t* out_i) {
+  const int64_t nchunks = ceil_div(n, kChunk);
+  std::vector<uint32_t> hist(static_cast<size_t>(nchunks) * kTopBins);
+  const scalar_t* a = r ? r : x;
+
+  // Pass 1: a = x + r (stored in r) and the histogram of key >> 20. The add
+  // runs over sub-blocks first so it vectorises; the histogram then reads
+  // the sub-block back from L1.
+  for_chunks(n, kChunk, [&](int64_t c, int64_t b, int64_t e) {
+    uint32_t* h = hist.data() + c * kTopBins;
+    for (int64_t s = b; s < e; s += 1024) {
+      const int64_t t = std::min(e, s + 1024);
+      if (r)
+        for (int64_t i = s; i < t; ++i) r[i] = static_cast<scalar_t>(to_f(x[i]) + to_f(r[i]));
+      for (int64_t i = s; i < t; ++i) ++h[abs_key(to_f(a[i])) >> 20];
+    }
+  });
+  if (k == 0) return;
+
+  std::vector<int64_t> total(kTopBins, 0);
+  for (int64_t c = 0; c < nchunks; ++c)
+    for (int d = 0; d < kTopBins; ++d) total[d] += hist[c * kTopBins + d];
+  int64_t need = k;
+  const int top = pick_digit(total, need);
+  std::vector<int64_t> above(nchunks, 0), in_bin(nchunks, 0);
+  for (int64_t c = 0; c < nchunks; ++c) {
+    for (int d = top + 1; d < kTopBins; ++d) above[c] += hist[c * kTopBins + d];
+    in_bin[c] = hist[c * kTopBins + top];
+  }
+  const uint32_t ubin = static_cast<uint32_t>(top);
+  if (total[top] > candidate_cap(n)) {
+    topk_multilevel(a, r, n, need, ubin, hist, above, out_v, out_i);
+    return;
+  }
+
+  // Pass 2: gather the certain picks (bins > top) and the candidates (bin top).
+  const int64_t certain = k - need;
+  std::vector<int64_t> sure_off(nchunks + 1, 0), cand_off(nchunks + 1, 0);
+  for (int64_t c = 0; c < nchunks; ++c) {
+    sure_off[c + 1] = sure_off[c] + above[c];
+    cand_off[c + 1] = cand_off[c] + in_bin[c];
+  }
+  std::vector<scalar_t> sure_v(certain), cand_v(total[top]);
+  std::vector<int64_t> sure_i(certain), cand_i(total[top]);
+  std::vector<uint32_t> cand_key(total[top]);
+  const uint32_t lo_key = ubin << 20;
+  for_chunks(n, kChunk, [&](int64_t c, int64_t b, int64_t e) {
+    int64_t ps = sure_off[c], pc = cand_off[c];
+    auto visit = [&](int64_t i) {
+      const uint32_t key = abs_key(to_f(a[i]));
+      if (key < lo_key) return;
+      if ((key >> 20) > ubin) {
+        sure_v[ps] = a[i];
+        sure_i[ps++] = i;
+        if (r) r[i] = static_cast<scalar_t>(0);
+      } else {
+        cand_v[pc] = a[i];
+        cand_key[pc] = key;
+        cand_i[pc++] = i;
+      }
+    };
+    int64_t i = b;
+    for (; i + 8 <= e; i += 8) {  // branch-free test of 8 keys; most groups hold none
+      uint32_t hit = 0;
+      for (int j = 0; j < 8; ++j) hit |= abs_key(to_f(a[i + j])) >= lo_key;
+      if (hit)
+        for (int j = 0; j < 8; ++j) visit(i + j);
+    }
+    for (; i < e; ++i) visit(i);
+  });
+
+  // Threshold among the candidates: the need-th largest key T; all keys > T
+  // and the first (by index) `ties` keys == T are picked.
+  std::vector<uint32_t> sorted_keys(cand_key);
+  std::nth_element(sorted_keys.begin(), sorted_keys.begin() + (need - 1), sorted_keys.end(),
+                   std::greater<>());
+  const uint32_t threshold = sorted_keys[need - 1];
+  int64_t ties = need;
+  for (uint32_t key : cand_key) ties -= key > threshold;
+
+  // Merge the two index-sorted lists into the output.
+  int64_t ps = 0, pos = 0;
+  for (size_t j = 0; j < cand_key.size(); ++j) {
+    const bool picked = cand_key[j] > threshold || (cand_key[j] == threshold && ties-- > 0);
+    if (!picked) continue;
+    const int64_t i = cand_i[j];
+    for (; ps < certain && sure_i[ps] < i; ++ps, ++pos) {
+      out_v[pos] = sure_v[ps];
+      out_i[pos] = static_cast<index_t>(sure_i[ps]);
+    }
+    out_v[pos] = cand_v[j];
+    out_i[pos++] = static_cast<index_t>(i);
+    if (r) r[i] = static_cast<scalar_t>(0);
+  }
+  for (; ps < certain; ++ps, ++pos) {
+    out_v[pos] = sure_v[ps];
+    out_i[pos] = static_cast<index_t>(sure_i[ps]);
+  }
 }
 
 std::tuple<Tensor, Tensor> topk_ef_cpu(const Tensor& x, const std::optional<Tensor>& residual,
@@ -244,7 +327,7 @@ std::tuple<Tensor, Tensor, Tensor> topk_threshold_ef_cpu(const Tensor& x,
 // Block quantizers (sign, QSGD) share one traversal:
 //   for each block b: stat_b = sum over the block of policy.term(a_i)  (fp64)
 //                     scale_b = policy.finish(stat_b, n_b)
-//                     code_i = policy.code(a_i, scale_b, i)  -> packed stream
+//                     code_i = policy.code(a_i, scale_b, aux_i) -> packed stream
 //                     r_i    = a_i - policy.value(code_i, scale_b)
 // Small blocks: one work item = a group of blocks whose first element is a
 // multiple of 8 (so groups never share a packed byte); each block is read
@@ -254,90 +337,126 @@ std::tuple<Tensor, Tensor, Tensor> topk_threshold_ef_cpu(const Tensor& x,
 // kChunk-element pieces from the block start, 8 lanes each, combined in a
 // fixed order, so the result does not depend on the thread count.
 // ===========================================================================
+template <bool kL2>
 struct SignPolicy {
-  bool l2;
   static constexpr int bits() { return 1; }
-  double term(float a) const { return l2 ? static_cast<double>(a) * a : std::fabs(static_cast<double>(a)); }
-  float finish(double s, int64_t cnt) const {
-    return l2 ? static_cast<float>(std::sqrt(s / cnt)) : static_cast<float>(s / cnt);
+  static constexpr bool kAux = false;
+  static double term(float a) { return kL2 ? static_cast<double>(a) * a : std::fabs(static_cast<double>(a)); }
+  static float finish(double s, int64_t cnt) {
+    return kL2 ? static_cast<float>(std::sqrt(s / cnt)) : static_cast<float>(s / cnt);
   }
-  uint32_t code(float a, float /*scale*/, int64_t /*i*/) const { return sign_code(a); }
-  float value(uint32_t c, float scale) const { return sign_value(c, scale); }
+  void fill_aux(int64_t, int64_t, float*) const {}
+  static uint32_t code(float a, float /*scale*/, float /*aux*/) { return sign_code(a); }
+  static float value(uint32_t c, float scale) { return sign_value(c, scale); }
 };
 
 struct QsgdPolicy {
   int levels;
   int width;
   uint64_t seed;
+  static constexpr bool kAux = true;
   int bits() const { return width; }
-  double term(float a) const { return static_cast<double>(a) * a; }
-  float finish(double s, int64_t /*cnt*/) const { return static_cast<float>(std::sqrt(s)); }
-  uint32_t code(float a, float norm, int64_t i) const {
-    return qsgd_code(a, norm, levels, uniform24(seed, static_cast<uint64_t>(i)));
+  static double term(float a) { return static_cast<double>(a) * a; }
+  static float finish(double s, int64_t /*cnt*/) { return static_cast<float>(std::sqrt(s)); }
+  // u_i for i in [b, e): word i % 4 of Philox(seed, i / 4).
+  void fill_aux(int64_t b, int64_t e, float* u) const {
+    for (int64_t i = b; i < e;) {
+      const Philox4 w = philox4x32_10(seed, static_cast<uint64_t>(i) >> 2);
+      for (int j = static_cast<int>(i & 3); j < 4 && i < e; ++j, ++i) u[i - b] = uniform24_word(w.v[j]);
+    }
   }
+  uint32_t code(float a, float norm, float u) const { return qsgd_code(a, norm, levels, u); }
   float value(uint32_t c, float norm) const { return qsgd_value(c, norm, levels); }
 };
 
-template <typename scalar_t>
+template <bool kEF, typename scalar_t>
 inline float load_a(const scalar_t* x, const scalar_t* r, int64_t i) {
-  return r ? to_f(x[i]) + to_f(r[i]) : to_f(x[i]);
+  if constexpr (kEF) return to_f(x[i]) + to_f(r[i]);
+  else return to_f(x[i]);
 }
 
 // fp64 statistic of a[b, e) with 8 interleaved accumulators combined in order.
-template <typename scalar_t, typename Policy>
+template <bool kEF, typename scalar_t, typename Policy>
 double piece_stat(const scalar_t* x, const scalar_t* r, int64_t b, int64_t e, const Policy& p) {
   double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = b;
   for (; i + 8 <= e; i += 8)
-    for (int j = 0; j < 8; ++j) lane[j] += p.term(load_a(x, r, i + j));
-  for (int j = 0; i < e; ++i, ++j) lane[j] += p.term(load_a(x, r, i));
+    for (int j = 0; j < 8; ++j) lane[j] += p.term(load_a<kEF>(x, r, i + j));
+  for (int j = 0; i < e; ++i, ++j) lane[j] += p.term(load_a<kEF>(x, r, i));
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
-// Write the codes of a[b, e) (all in one block with `scale`) into the packed
-// stream and update r. Bytes that [b, e) covers only in part are OR-ed into
-// the zero-initialised stream.
-template <typename scalar_t, typename Policy>
+// Appends w-bit codes to a little-endian bit stream starting at bit `bit`.
+// The stream is zero-initialised, and a piece may share its first and last
+// byte with its neighbours (written before or after, never concurrently), so
+// partial bytes are OR-ed in.
+struct BitWriter {
+  uint8_t* out;
+  uint64_t acc = 0;
+  int nacc;
+  BitWriter(uint8_t* packed, int64_t bit) : out(packed + (bit >> 3)), nacc(static_cast<int>(bit & 7)) {}
+  void put(const uint32_t* codes, int64_t count, int w) {
+    int64_t j = 0;
+    if (w == 1) {
+      for (; j < count && nacc != 0; ++j) push(codes[j], 1);
+      for (; j + 8 <= count; j += 8) {
+        uint32_t byte = 0;
+        for (int t = 0; t < 8; ++t) byte |= codes[j + t] << t;
+        *out++ |= static_cast<uint8_t>(byte);
+      }
+    }
+    for (; j < count; ++j) push(codes[j], w);
+  }
+  void push(uint32_t code, int w) {
+    acc |= static_cast<uint64_t>(code) << nacc;
+    nacc += w;
+    for (; nacc >= 8; nacc -= 8, acc >>= 8) *out++ |= static_cast<uint8_t>(acc);
+  }
+  void finish() {
+    if (nacc > 0) *out |= static_cast<uint8_t>(acc);
+  }
+};
+
+// Codes of a[b, e) (all in one block with `scale`) into the stream; r updated.
+// The compute loop over a 256-entry sub-block has no cross-iteration
+// dependency (it vectorises for the sign policy); packing follows.
+template <bool kEF, typename scalar_t, typename Policy>
 void piece_codes(const scalar_t* x, scalar_t* r, int64_t b, int64_t e, float scale,
                  const Policy& p, uint8_t* packed) {
-  const int w = p.bits();
-  int64_t bit = b * w;
-  uint8_t* out = packed + (bit >> 3);
-  int nacc = static_cast<int>(bit & 7);
-  uint64_t acc = 0;
-  bool first = true;
-  for (int64_t i = b; i < e; ++i) {
-    const float a = load_a(x, r, i);
-    const uint32_t c = p.code(a, scale, i);
-    if (r) r[i] = static_cast<scalar_t>(a - p.value(c, scale));
-    acc |= static_cast<uint64_t>(c) << nacc;
-    nacc += w;
-    while (nacc >= 8) {
-      if (first) *out++ |= static_cast<uint8_t>(acc); else *out++ = static_cast<uint8_t>(acc);
-      first = false;
-      acc >>= 8;
-      nacc -= 8;
+  constexpr int64_t kSub = 256;
+  uint32_t codes[kSub];
+  float aux[kSub] = {};
+  BitWriter writer(packed, b * p.bits());
+  for (int64_t s = b; s < e; s += kSub) {
+    const int64_t t = std::min(e, s + kSub);
+    if constexpr (Policy::kAux) p.fill_aux(s, t, aux);
+    for (int64_t i = s; i < t; ++i) {
+      const float a = load_a<kEF>(x, r, i);
+      const uint32_t c = p.code(a, scale, aux[i - s]);
+      codes[i - s] = c;
+      if constexpr (kEF) r[i] = static_cast<scalar_t>(a - p.value(c, scale));
     }
+    writer.put(codes, t - s, p.bits());
   }
-  if (nacc > 0) *out |= static_cast<uint8_t>(acc);
+  writer.finish();
 }
 
-template <typename scalar_t, typename Policy>
+template <bool kEF, typename scalar_t, typename Policy>
 void quantize_blocks(const scalar_t* x, scalar_t* r, int64_t n, int64_t block, const Policy& p,
                      uint8_t* packed, float* scales) {
   const int64_t nblocks = ceil_div(n, block);
   auto block_stat = [&](int64_t b, int64_t e, bool parallel) {
-    if (e - b <= kChunk) return piece_stat(x, r, b, e, p);
+    if (e - b <= kChunk) return piece_stat<kEF>(x, r, b, e, p);
     const int64_t npieces = ceil_div(e - b, kChunk);
     std::vector<double> part(npieces, 0.0);
     auto run = [&](int64_t p0, int64_t p1) {
       for (int64_t q = p0; q < p1; ++q)
-        part[q] = piece_stat(x, r, b + q * kChunk, std::min(e, b + (q + 1) * kChunk), p);
+        part[q] = piece_stat<kEF>(x, r, b + q * kChunk, std::min(e, b + (q + 1) * kChunk), p);
     };
     if (parallel) at::parallel_for(0, npieces, 1, run); else run(0, npieces);
-    double s = 0;
-    for (double v : part) s += v;
-    return s;
+    double sum = 0;
+    for (double v : part) sum += v;
+    return sum;
   };
   if (block <= kChunk) {
     const int64_t group = 8 / std::gcd<int64_t>(block, 8);  // blocks per work item
@@ -345,7 +464,7 @@ void quantize_blocks(const scalar_t* x, scalar_t* r, int64_t n, int64_t block, c
       for (int64_t blk = g0 * group; blk < std::min(nblocks, g1 * group); ++blk) {
         const int64_t b = blk * block, e = std::min(n, b + block);
         scales[blk] = p.finish(block_stat(b, e, false), e - b);
-        piece_codes(x, r, b, e, scales[blk], p, packed);
+        piece_codes<kEF>(x, r, b, e, scales[blk], p, packed);
       }
     });
   } else {
@@ -358,7 +477,7 @@ void quantize_blocks(const scalar_t* x, scalar_t* r, int64_t n, int64_t block, c
         for (int64_t q = q0; q < q1; ++q) {
           const int64_t pb = q == 0 ? b : first_edge + (q - 1) * kChunk;
           const int64_t pe = q == 0 ? first_edge : std::min(e, pb + kChunk);
-          piece_codes(x, r, pb, pe, scale, p, packed);
+          piece_codes<kEF>(x, r, pb, pe, scale, p, packed);
         }
       });
     }
@@ -401,9 +520,11 @@ std::tuple<Tensor, Tensor> quantize_cpu(const Tensor& x, const std::optional<Ten
   Tensor packed = at::zeros({ceil_div(n * p.bits(), 8)}, x.options().dtype(at::kByte));
   Tensor scales = at::empty({ceil_div(n, block)}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_cpu", [&] {
-    quantize_blocks<scalar_t>(x.const_data_ptr<scalar_t>(),
-                              residual ? residual->data_ptr<scalar_t>() : nullptr, n, block, p,
-                              packed.data_ptr<uint8_t>(), scales.data_ptr<float>());
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    uint8_t* pk = packed.data_ptr<uint8_t>();
+    float* sc = scales.data_ptr<float>();
+    if (residual) quantize_blocks<true>(xp, residual->data_ptr<scalar_t>(), n, block, p, pk, sc);
+    else quantize_blocks<false>(xp, static_cast<scalar_t*>(nullptr), n, block, p, pk, sc);
   });
   return {packed, scales};
 }
@@ -421,11 +542,12 @@ Tensor dequantize_cpu(const Tensor& packed, const Tensor& scales, int64_t numel,
 
 std::tuple<Tensor, Tensor> sign_ef_cpu(const Tensor& x, const std::optional<Tensor>& residual,
                                        int64_t block, bool l2) {
-  return quantize_cpu(x, residual, block, SignPolicy{l2}, "sign_ef");
+  return l2 ? quantize_cpu(x, residual, block, SignPolicy<true>{}, "sign_ef")
+            : quantize_cpu(x, residual, block, SignPolicy<false>{}, "sign_ef");
 }
 
 Tensor sign_decode_cpu(const Tensor& packed, const Tensor& scales, int64_t numel, int64_t block) {
-  return dequantize_cpu(packed, scales, numel, block, SignPolicy{false});
+  return dequantize_cpu(packed, scales, numel, block, SignPolicy<false>{});
 }
 
 std::tuple<Tensor, Tensor> qsgd_cpu(const Tensor& x, const std::optional<Tensor>& residual,
