@@ -215,7 +215,9 @@ def _check_stream(packed, scales, numel, block, width: int, scales_name: str) ->
         raise ValueError(f"packed must hold {want} bytes for numel={numel}; got {packed.numel()}")
     nblocks = -(-numel // block)
     if scales.numel() != nblocks:
-        raise ValueError(f"{scales_name} must hold {nblocks} entries for numel={numel}, block={block}; got {scales.numel()}")
+        raise ValueError(
+            f"{scales_name} must hold {nblocks} entries for numel={numel}, block={block}; got {scales.numel()}"
+        )
     if scales.device != packed.device:
         raise ValueError(f"{scales_name} must be on the device of packed ({packed.device}); got {scales.device}")
     _backend.backend_for(packed.device.type)

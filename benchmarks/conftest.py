@@ -1,0 +1,49 @@
+"""Collects the medians of every benchmark and prints ratio tables at the end.
+
+For each op and n the table gives each provider's median time, its speed-up
+over the torch composite of the same op measured in the same run, and its
+time relative to one in-place add of the same n (the memory-bound yardstick
+of design.md section 5).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+
+from fedcomp.bench import format_table
+
+_RESULTS: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+
+
+@pytest.fixture
+def record(benchmark):
+    """Call as record(op, n, provider, fn): benchmarks fn and stores its median (ms)."""
+
+    def run(op: str, n: int, provider: str, fn, rounds: int):
+        benchmark.group = f"{op} n={n:.0e}"
+        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+        _RESULTS[(op, n)][provider] = benchmark.stats.stats.median * 1e3
+
+    return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    adds = {n: times["add"] for (op, n), times in _RESULTS.items() if op == "add" and "add" in times}
+    rows = []
+    for (op, n), times in sorted(_RESULTS.items()):
+        if op == "add":
+            continue
+        composite = times.get("composite")
+        for provider, ms in sorted(times.items()):
+            rows.append([
+                op, f"{n:.0e}", provider, ms,
+                f"{composite / ms:.1f}x" if composite else "",
+                f"{ms / adds[n]:.1f}x" if n in adds else "",
+            ])
+    terminalreporter.write_sep("=", "fedcomp ratio table (median ms)")
+    terminalreporter.write_line(format_table(
+        ["op", "n", "provider", "median ms", "speed-up vs composite", "time / in-place add"], rows))
