@@ -1,0 +1,38 @@
+# Quick start (see README):
+#   make demo   set up a virtualenv and run the main job
+#   make test   set up the same virtualenv and run the linter and the test suite
+#
+# TORCH picks the torch wheel installed *before* fedcomp, so fedcomp's
+# `torch>=2.4` requirement is already met and pip never pulls a multi-GB
+# CUDA build by itself. The default is the CPU build of 2.13.0; on a machine
+# whose pip index does not hold it, use for example
+#   make demo TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedcomp-installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m fedcomp.build
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) -m fedcomp.demo
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest tests benchmarks --benchmark-disable
+
+bench: setup
+	$(PY) -m pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
