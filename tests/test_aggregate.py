@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, SIZES, assert_same
+from _support import DTYPES, SIZES, assert_same
 
 import fedcomp
 from fedcomp import reference

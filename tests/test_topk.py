@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, SIZES, assert_same, make_input
+from _support import DTYPES, SIZES, assert_same, make_input
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

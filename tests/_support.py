@@ -1,0 +1,36 @@
+"""Helpers for the test modules: sizes, dtypes, seeded inputs, bit-exact comparison.
+
+(Not a conftest.py: benchmarks/ has its own conftest, and both run in one session.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+SIZES = [0, 1, 7, 8, 9, 1023, 2**20 + 3]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_input(n: int, dtype: torch.dtype, seed: int = 0, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, generator=g) * scale).to(dtype)
+    r = (torch.randn(n, generator=g) * 0.1 * scale).to(dtype)
+    return x, r
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(_INT_OF_SIZE[t.element_size()]) if t.is_floating_point() else t
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Equality to the bit (so -0.0 != 0.0), reporting the first mismatching indices."""
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    bad = torch.nonzero(_bits(actual) != _bits(expected)).flatten()
+    assert bad.numel() == 0, (
+        f"{what}: {bad.numel()} mismatches, first at {bad[:5].tolist()}: "
+        f"got {actual[bad[:5]].tolist()}, expected {expected[bad[:5]].tolist()}"
+    )
