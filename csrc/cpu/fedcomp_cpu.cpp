@@ -484,29 +484,45 @@ void quantize_blocks(const scalar_t* x, scalar_t* r, int64_t n, int64_t block, c
   }
 }
 
+// Dense decode: each work item walks its range block by block (one scale per
+// inner loop, no division per entry). 1-bit codes are read straight from
+// their byte; wider codes through a sequential bit reader.
 template <typename Policy>
 void dequantize_blocks(const uint8_t* packed, const float* scales, int64_t n, int64_t block,
                        const Policy& p, float* out) {
   const int w = p.bits();
-  const uint32_t mask = (w == 32) ? 0xffffffffu : ((1u << w) - 1u);
+  const uint32_t mask = (1u << w) - 1u;
   for_chunks(n, kChunk, [&](int64_t, int64_t b, int64_t e) {
-    int64_t bit = b * w;
-    const uint8_t* in = packed + (bit >> 3);
-    int nacc = 0;
+    const uint8_t* in = packed + ((b * w) >> 3);
+    int skip = static_cast<int>((b * w) & 7), nacc = 0;
     uint64_t acc = 0;
-    int skip = static_cast<int>(bit & 7);
-    for (int64_t i = b; i < e; ++i) {
-      while (nacc < w + skip) {
-        acc |= static_cast<uint64_t>(*in++) << nacc;
-        nacc += 8;
+    for (int64_t s = b; s < e;) {
+      const int64_t blk = s / block, t = std::min(e, (blk + 1) * block);
+      const float scale = scales[blk];
+      if (w == 1) {
+        auto bit = [&](int64_t i) { return (packed[i >> 3] >> (i & 7)) & 1u; };
+        int64_t i = s;
+        for (; i < t && (i & 7); ++i) out[i] = p.value(bit(i), scale);
+        for (; i + 8 <= t; i += 8) {  // one byte, eight entries, constant shifts
+          const uint32_t byte = packed[i >> 3];
+          for (int j = 0; j < 8; ++j) out[i + j] = p.value((byte >> j) & 1u, scale);
+        }
+        for (; i < t; ++i) out[i] = p.value(bit(i), scale);
+      } else {
+        for (int64_t i = s; i < t; ++i) {
+          while (nacc < w + skip) {
+            acc |= static_cast<uint64_t>(*in++) << nacc;
+            nacc += 8;
+          }
+          acc >>= skip;
+          nacc -= skip;
+          skip = 0;
+          out[i] = p.value(static_cast<uint32_t>(acc) & mask, scale);
+          acc >>= w;
+          nacc -= w;
+        }
       }
-      acc >>= skip;
-      nacc -= skip;
-      skip = 0;
-      const uint32_t c = static_cast<uint32_t>(acc) & mask;
-      acc >>= w;
-      nacc -= w;
-      out[i] = p.value(c, scales[i / block]);
+      s = t;
     }
   });
 }
@@ -602,7 +618,8 @@ void sparse_accumulate_impl(float* out, int64_t n, const index_t* idx, const val
   for (int64_t j = 0; j < m; ++j)
     TORCH_CHECK_INDEX(idx[j] >= 0 && idx[j] < n, "fedcomp::sparse_accumulate: indices must lie in [0, ",
                       n, "), got ", static_cast<int64_t>(idx[j]), " at position ", j);
-  const int64_t slices = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, m / 4096));
+  // Every slice scans the whole list, so fan out only when the list is long.
+  const int64_t slices = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, m >> 18));
   const int64_t width = ceil_div(n, slices);
   at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
