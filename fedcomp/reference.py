@@ -221,10 +221,9 @@ def sign_decode(packed: Tensor, scales: Tensor, numel: int, block: int) -> Tenso
 
 
 def sign_majority(packed_stack: Tensor) -> Tensor:
-    """Bitwise majority over the rows of a ``[m, nbytes]`` uint8 stack; ties give 1."""
+    """Bitwise majority over the rows of a ``[m >= 1, nbytes]`` uint8 stack; ties give 1."""
     m, nbytes = packed_stack.shape
-    bits = torch.stack([unpack_codes(row, nbytes * 8, 1) for row in packed_stack]) if m else None
-    ones = bits.sum(0) if m else torch.zeros(nbytes * 8, dtype=torch.int64, device=packed_stack.device)
+    ones = sum(unpack_codes(row, nbytes * 8, 1) for row in packed_stack)
     return pack_codes(2 * ones >= m, 1)
 
 

@@ -82,16 +82,13 @@ FEDCOMP_HD Philox4 philox4x32_10(uint64_t seed, uint64_t counter) {
   return Philox4{{c0, c1, c2, c3}};
 }
 
-// u in [0, 1) from the top 24 bits of a Philox word: exact in fp32.
+// u in [0, 1) from the top 24 bits of a Philox word: exact in fp32. Element i
+// of a QSGD call uses word i % 4 of Philox(seed, i / 4), so one Philox call
+// serves four consecutive elements (tl.randint4x on the GPU).
 FEDCOMP_HD float uniform24_word(uint32_t word) {
   return static_cast<float>(word >> 8) * 5.9604644775390625e-08f;
 }
 
-// The uniform of element i: word i % 4 of Philox(seed, i / 4), so one
-// Philox call serves four consecutive elements (tl.randint4x on the GPU).
-FEDCOMP_HD float uniform24(uint64_t seed, uint64_t i) {
-  return uniform24_word(philox4x32_10(seed, i >> 2).v[i & 3]);
-}
 
 // Sample position j of topk_threshold_ef: a 64-bit draw reduced mod n.
 FEDCOMP_HD uint64_t sample_position(uint64_t seed, uint64_t j, uint64_t n) {
