@@ -20,8 +20,6 @@ import os
 import threading
 import warnings
 
-from . import build
-
 ENV_VAR = "FEDCOMP_BACKEND"
 CHOICES = ("auto", "reference", "cpu", "triton", "cuda")
 
@@ -64,6 +62,10 @@ def cpu_backend() -> str:
             chosen = "reference"
         else:
             try:
+                # Imported here, not at module level: `import fedcomp` stays free of
+                # the build machinery, and `python -m fedcomp.build` runs cleanly.
+                from . import build
+
                 build.load_cpu_extension()
                 chosen = "cpu"
             except Exception as exc:  # any build/load failure: compiler, ninja, ABI
