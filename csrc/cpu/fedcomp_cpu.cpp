@@ -48,7 +48,7 @@ void for_chunks(int64_t n, int64_t chunk, const F& fn) {
 //   1. a = x + r, written back into r; per-chunk histogram of the top 11 key
 //      bits (2048 bins). This fixes the boundary bin B: the entries of bins
 //      above B are all picked, `need` more come from bin B.
-//   2. gather (common case, bin B holds at most kCandidateCap(n) entries):
+//   2. gather (common case, bin B holds at most candidate_cap(n) entries):
 //      one read of a that copies the picked entries (bins > B) to a
 //      k-sized buffer and zeroes them in r, and the bin-B entries to a
 //      candidate list. The threshold among the candidates is then resolved
@@ -69,6 +69,14 @@ inline int64_t candidate_cap(int64_t n) { return n / 32 + 65536; }
 // Chosen digit of a histogram: the highest bin `d` with
 // count(bins > d) < need <= count(bins >= d). Updates need to the number
 // still to take from bin d.
+// Per-digit totals over all chunks of the per-chunk histograms (row stride kTopBins).
+inline std::vector<int64_t> column_totals(const std::vector<uint32_t>& hist, int64_t nchunks, int bins) {
+  std::vector<int64_t> total(bins, 0);
+  for (int64_t c = 0; c < nchunks; ++c)
+    for (int d = 0; d < bins; ++d) total[d] += hist[c * kTopBins + d];
+  return total;
+}
+
 inline int pick_digit(const std::vector<int64_t>& total, int64_t& need) {
   int digit = static_cast<int>(total.size()) - 1;
   while (total[digit] < need) need -= total[digit--];
@@ -92,9 +100,7 @@ void topk_multilevel(const scalar_t* a, scalar_t* r, int64_t n, int64_t need, ui
         if ((key >> pshift) == prefix) ++h[(key >> dshift) & 1023];
       }
     });
-    std::vector<int64_t> total(1024, 0);
-    for (int64_t c = 0; c < nchunks; ++c)
-      for (int d = 0; d < 1024; ++d) total[d] += hist[c * kTopBins + d];
+    const std::vector<int64_t> total = column_totals(hist, nchunks, 1024);
     const int digit = pick_digit(total, need);
     for (int64_t c = 0; c < nchunks; ++c)
       for (int d = digit + 1; d < 1024; ++d) above[c] += hist[c * kTopBins + d];
@@ -157,9 +163,7 @@ void topk_ef_impl(const scalar_t* x, scalar_t* r, int64_t n, int64_t k, scalar_t
   });
   if (k == 0) return;
 
-  std::vector<int64_t> total(kTopBins, 0);
-  for (int64_t c = 0; c < nchunks; ++c)
-    for (int d = 0; d < kTopBins; ++d) total[d] += hist[c * kTopBins + d];
+  const std::vector<int64_t> total = column_totals(hist, nchunks, kTopBins);
   int64_t need = k;
   const int top = pick_digit(total, need);
   std::vector<int64_t> above(nchunks, 0), in_bin(nchunks, 0);
@@ -345,7 +349,6 @@ struct SignPolicy {
   static float finish(double s, int64_t cnt) {
     return kL2 ? static_cast<float>(std::sqrt(s / cnt)) : static_cast<float>(s / cnt);
   }
-  void fill_aux(int64_t, int64_t, float*) const {}
   static uint32_t code(float a, float /*scale*/, float /*aux*/) { return sign_code(a); }
   static float value(uint32_t c, float scale) { return sign_value(c, scale); }
 };
@@ -425,14 +428,14 @@ void piece_codes(const scalar_t* x, scalar_t* r, int64_t b, int64_t e, float sca
                  const Policy& p, uint8_t* packed) {
   constexpr int64_t kSub = 256;
   uint32_t codes[kSub];
-  float aux[kSub] = {};
+  float aux[kSub];  // per-entry extra input (QSGD's u_i); untouched by policies without one
   BitWriter writer(packed, b * p.bits());
   for (int64_t s = b; s < e; s += kSub) {
     const int64_t t = std::min(e, s + kSub);
     if constexpr (Policy::kAux) p.fill_aux(s, t, aux);
     for (int64_t i = s; i < t; ++i) {
       const float a = load_a<kEF>(x, r, i);
-      const uint32_t c = p.code(a, scale, aux[i - s]);
+      const uint32_t c = p.code(a, scale, Policy::kAux ? aux[i - s] : 0.0f);
       codes[i - s] = c;
       if constexpr (kEF) r[i] = static_cast<scalar_t>(a - p.value(c, scale));
     }
