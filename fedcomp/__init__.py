@@ -6,9 +6,18 @@ quantization with block scales and majority vote, QSGD, and sparse
 accumulation. Each op has a pure-PyTorch reference (:mod:`fedcomp.reference`)
 and fused C++ CPU kernels built just in time (:mod:`fedcomp.build`);
 ``python -m fedcomp.env`` reports what was found.
+
+Over the ops: compressors (:mod:`fedcomp.compressors`) that turn a flat
+tensor into a :class:`Payload` with an exact, versioned wire format
+(:mod:`fedcomp.wire`), error feedback (EF14 and EF21) with checkpointable
+state, :func:`aggregate` for many clients' payloads, :func:`flatten` for a
+whole model, and a DDP communication hook (:mod:`fedcomp.ddp`).
 """
 
 from ._backend import BackendUnavailable
+from .aggregation import aggregate
+from .compressors import EF21, QSGD, Compressor, ErrorFeedback, Identity, RandK, Sign, TopK
+from .flat import FlatSpec, flatten, unflatten
 from .ops import (
     qsgd,
     qsgd_decode,
@@ -19,11 +28,25 @@ from .ops import (
     topk_ef,
     topk_threshold_ef,
 )
+from .wire import Payload
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
+    "Compressor",
+    "EF21",
+    "ErrorFeedback",
+    "FlatSpec",
+    "Identity",
+    "Payload",
+    "QSGD",
+    "RandK",
+    "Sign",
+    "TopK",
+    "aggregate",
+    "flatten",
+    "unflatten",
     "qsgd",
     "qsgd_decode",
     "sign_decode",

@@ -10,6 +10,7 @@ same work.
 
 from __future__ import annotations
 
+import io
 import statistics
 import time
 from collections.abc import Callable
@@ -59,6 +60,45 @@ def composite_qsgd(x: Tensor, residual: Tensor, levels: int = 4, bucket: int = 5
     q = torch.where(buckets < 0, -q, q)
     residual.copy_((buckets - q * norms / levels).view(-1)[:n])
     return (q + levels).to(torch.uint8).view(-1)[:n], norms  # one byte per code: no sub-byte packing
+
+
+def composite_pipeline(xs: list[Tensor], residuals: list[Tensor], kind: str, ratio: float = 0.01) -> Tensor:
+    """Compress, serialise, deserialise and average many clients' updates, the way existing libraries do.
+
+    Per client: compensate (``a = x + r``), compress (``torch.topk`` of ``|a|``, or the sign
+    and mean magnitude), decompress to a dense tensor, subtract it to get the new residual,
+    serialise with ``torch.save`` (int64 indices; signs as packed bits) and load it back;
+    then decode every client to a dense tensor and average the dense tensors.
+    """
+    n = xs[0].numel()
+    k = max(1, int(ratio * n))
+    received = []
+    for x, r in zip(xs, residuals):
+        a = x + r
+        if kind == "topk":
+            idx = a.abs().topk(k, sorted=False).indices
+            msg = (a[idx], idx)
+            dense = torch.zeros_like(a)
+            dense[idx] = msg[0]
+        else:
+            scale = a.abs().mean()
+            bits = a >= 0
+            msg = (pack_bits(bits), scale)
+            dense = scale * (bits.to(a.dtype) * 2 - 1)
+        r.copy_(a - dense)
+        buf = io.BytesIO()
+        torch.save(msg, buf)
+        received.append(torch.load(io.BytesIO(buf.getvalue())))
+    decoded = []
+    for first, second in received:
+        if kind == "topk":
+            d = torch.zeros(n)
+            d[second] = first
+        else:
+            bits = torch.from_numpy(__import__("numpy").unpackbits(first.numpy(), count=n, bitorder="little"))
+            d = second * (bits.to(torch.float32) * 2 - 1)
+        decoded.append(d)
+    return torch.stack(decoded).mean(0)
 
 
 def time_call(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:

@@ -1,0 +1,413 @@
+"""Compressors over the fedcomp ops: tensor in, :class:`~fedcomp.wire.Payload` out.
+
+Three lines compress a model update and send it::
+
+    flat, spec = fedcomp.flatten(update)                  # one contiguous buffer
+    payload = ErrorFeedback(TopK(0.01)).compress(flat, key="client-3")
+    wire = payload.to_bytes()                             # exactly payload.nbytes bytes
+
+and the receiver runs ``fedcomp.Payload.from_bytes(wire).decode()`` or
+``fedcomp.aggregate(payloads)``.
+
+Every compressor accepts a 1-D (or any contiguous, then flattened) float32,
+float16 or bfloat16 tensor. Decoding is stateless: the payload carries all it
+needs. :class:`ErrorFeedback` and :class:`EF21` keep per-key state (residuals or
+estimates) that ``state_dict()`` / ``load_state_dict()`` save and restore exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .wire import Payload, index_dtype_for, randk_indices, wire_nbytes
+
+__all__ = ["Compressor", "Identity", "TopK", "RandK", "Sign", "QSGD", "ErrorFeedback", "EF21"]
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(seed: int, counter: int) -> int:
+    """A 63-bit seed for call ``counter`` of a stream keyed by ``seed`` (SplitMix64 finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (counter + 1) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return (z ^ (z >> 31)) >> 1
+
+
+def _flat_input(x) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+    if x.dtype not in ops.FLOAT_DTYPES:
+        raise TypeError(f"x must have dtype float32, float16 or bfloat16; got {x.dtype}")
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous; call .contiguous() first")
+    return x.detach().reshape(-1)
+
+
+def _ratio(ratio) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise TypeError(f"ratio must be a float; got {type(ratio).__name__}")
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1]; got {ratio!r}")
+    return float(ratio)
+
+
+def _count(ratio: float, n: int) -> int:
+    """Entries kept of ``n``: ``ceil(ratio * n)``, at least 1 when ``n > 0``."""
+    return min(n, max(1, math.ceil(ratio * n))) if n else 0
+
+
+class Compressor:
+    """Base class. Subclasses implement :meth:`_encode`; decoding lives in the payload.
+
+    ``_encode(x, residual)`` compresses ``a = x + residual`` (``residual=None``: ``a = x``)
+    and, when a residual is given, sets it in place to ``a - decode(payload)``
+    (rounded to ``x.dtype``), using the fused ``*_ef`` ops.
+    """
+
+    kind: str = ""
+
+    def compress(self, x: Tensor) -> Payload:
+        """Compress ``x`` (no error feedback). Returns a :class:`Payload`."""
+        return self._encode(_flat_input(x), None)
+
+    def _encode(self, x: Tensor, residual: Tensor | None) -> Payload:
+        raise NotImplementedError
+
+    def _params(self, numel: int) -> dict:
+        raise NotImplementedError
+
+    def wire_bytes(self, numel: int, dtype: torch.dtype = torch.float32, *, header: bool = True) -> int:
+        """Exact ``nbytes`` of the payload this compressor makes from ``numel`` entries of ``dtype``.
+
+        ``header=False``: the section bytes alone (what a channel that already knows the
+        layout, such as the DDP hook's all-gather, transmits).
+        """
+        return wire_nbytes(self.kind, dtype, numel, self._params(numel), header=header)
+
+    def state_dict(self) -> dict:
+        """State needed to continue bit for bit (e.g. call counters of seeded compressors)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Identity(Compressor):
+    """Sends the tensor as is (``n * itemsize`` bytes plus the header)."""
+
+    kind = "identity"
+
+    def _params(self, numel: int) -> dict:
+        return {}
+
+    def _encode(self, x, residual):
+        if residual is None:
+            values = x.clone()
+        else:
+            values = x + residual
+            residual.zero_()
+        return Payload("identity", x.dtype, x.numel(), {}, (values,))
+
+
+class TopK(Compressor):
+    """Exact top-k by magnitude (ties to the lower index), values plus ascending indices.
+
+    Args:
+        ratio: fraction of entries kept, in ``(0, 1]``; ``k = max(1, ceil(ratio * n))``.
+        segments: optional sizes of consecutive segments (e.g. ``FlatSpec.sizes``) for a
+            per-tensor top-k: each segment keeps ``max(1, ceil(ratio * size))`` entries.
+            Default: one global top-k over the whole buffer.
+    """
+
+    kind = "topk"
+
+    def __init__(self, ratio: float, *, segments=None):
+        self.ratio = _ratio(ratio)
+        if segments is not None:
+            segments = tuple(segments)
+            for s in segments:
+                ops._check_int("segments entry", s, 0)
+        self.segments = segments
+
+    def k_for(self, numel: int) -> int:
+        if self.segments is None:
+            return _count(self.ratio, numel)
+        return sum(_count(self.ratio, s) for s in self._segments(numel))
+
+    def _segments(self, numel: int) -> tuple[int, ...]:
+        if sum(self.segments) != numel:
+            raise ValueError(f"segments sum to {sum(self.segments)} but x has {numel} entries")
+        return self.segments
+
+    def _params(self, numel: int) -> dict:
+        return {"k": self.k_for(numel)}
+
+    def _encode(self, x, residual):
+        n, idx_dtype = x.numel(), index_dtype_for(x.numel())
+        if self.segments is None:
+            values, indices = ops.topk_ef(x, residual, _count(self.ratio, n), index_dtype=idx_dtype)
+        else:
+            vals, idxs, off = [], [], 0
+            for size in self._segments(n):
+                r = None if residual is None else residual[off : off + size]
+                v, i = ops.topk_ef(x[off : off + size], r, _count(self.ratio, size), index_dtype=idx_dtype)
+                vals.append(v)
+                idxs.append(i + off)
+                off += size
+            values, indices = torch.cat(vals), torch.cat(idxs).to(idx_dtype)
+        return Payload("topk", x.dtype, n, {"k": values.numel()}, (values, indices))
+
+    def __repr__(self) -> str:
+        per = ", per-tensor" if self.segments is not None else ""
+        return f"TopK(ratio={self.ratio}{per})"
+
+
+class _Seeded(Compressor):
+    """A compressor that draws a fresh 63-bit seed per call from ``(seed, call count)``."""
+
+    def __init__(self, seed: int):
+        self.seed = ops._check_int("seed", seed, 0, (1 << 63) - 1)
+        self.calls = 0
+
+    def _next_seed(self) -> int:
+        s = _splitmix64(self.seed, self.calls)
+        self.calls += 1
+        return s
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = ops._check_int("state['calls']", state["calls"], 0)
+
+
+class RandK(_Seeded):
+    """``k`` random distinct positions per call; only the values and a 63-bit seed are sent.
+
+    The positions of call ``t`` come from a keyed permutation seeded by
+    ``splitmix64(seed, t)`` (:func:`fedcomp.wire.randk_indices`), so the receiver
+    regenerates them. Compressors built with the same ``seed`` pick the same positions
+    at the same call, which keeps an aggregate of many clients as sparse as one.
+    Values are sent unscaled (biased, meant for error feedback).
+
+    Args:
+        ratio: fraction kept, ``k = max(1, ceil(ratio * n))``.
+        seed: ``0 <= seed < 2**63``.
+    """
+
+    kind = "randk"
+
+    def __init__(self, ratio: float, seed: int = 0):
+        self.ratio = _ratio(ratio)
+        super().__init__(seed)
+
+    def _params(self, numel: int) -> dict:
+        return {"k": _count(self.ratio, numel), "seed": 0}
+
+    def _encode(self, x, residual):
+        n = x.numel()
+        seed = self._next_seed()
+        idx = randk_indices(seed, _count(self.ratio, n), n, x.device)
+        if residual is None:
+            values = x[idx]
+        else:
+            residual.add_(x)  # a = x + residual, in place
+            values = residual[idx]
+            residual.index_fill_(0, idx, 0)
+        return Payload("randk", x.dtype, n, {"k": idx.numel(), "seed": seed}, (values,))
+
+    def __repr__(self) -> str:
+        return f"RandK(ratio={self.ratio}, seed={self.seed})"
+
+
+class Sign(Compressor):
+    """1 bit per entry plus one fp32 scale per block (``mean|a|``, or ``||a||/sqrt(n_b)``).
+
+    Args:
+        block: entries per scale (``None``: one scale for the whole tensor).
+        scale: ``"mean"`` or ``"l2"``.
+    """
+
+    kind = "sign"
+
+    def __init__(self, block: int | None = None, scale: str = "mean"):
+        self.block = None if block is None else ops._check_int("block", block, 1)
+        if scale not in ("mean", "l2"):
+            raise ValueError(f"scale must be 'mean' or 'l2'; got {scale!r}")
+        self.scale = scale
+
+    def _params(self, numel: int) -> dict:
+        return {"block": max(numel, 1) if self.block is None else self.block, "l2": int(self.scale == "l2")}
+
+    def _encode(self, x, residual):
+        params = self._params(x.numel())
+        packed, scales = ops.sign_ef(x, residual, params["block"], self.scale)
+        return Payload("sign", x.dtype, x.numel(), params, (packed, scales))
+
+    def __repr__(self) -> str:
+        return f"Sign(block={self.block}, scale={self.scale!r})"
+
+
+class QSGD(_Seeded):
+    """Unbiased stochastic quantization to ``2L+1`` levels per bucket, bit-packed.
+
+    Args:
+        levels: ``L`` in ``[1, 32768]``; each entry takes ``ceil(log2(2L+1))`` bits.
+        bucket: entries per fp32 norm (``None``: one bucket).
+        seed: base of the per-call Philox seeds, ``0 <= seed < 2**63``.
+    """
+
+    kind = "qsgd"
+
+    def __init__(self, levels: int = 4, bucket: int | None = 512, seed: int = 0):
+        self.levels = ops._check_int("levels", levels, 1, ops.MAX_LEVELS)
+        self.bucket = None if bucket is None else ops._check_int("bucket", bucket, 1)
+        super().__init__(seed)
+
+    def _params(self, numel: int) -> dict:
+        return {"levels": self.levels, "bucket": max(numel, 1) if self.bucket is None else self.bucket}
+
+    def _encode(self, x, residual):
+        params = self._params(x.numel())
+        packed, norms = ops.qsgd(x, residual, self.levels, params["bucket"], seed=self._next_seed())
+        return Payload("qsgd", x.dtype, x.numel(), params, (packed, norms))
+
+    def __repr__(self) -> str:
+        return f"QSGD(levels={self.levels}, bucket={self.bucket}, seed={self.seed})"
+
+
+# --------------------------------------------------------------------------
+# stateful wrappers
+# --------------------------------------------------------------------------
+def _check_key(key) -> str:
+    if not isinstance(key, str):
+        raise TypeError(
+            f"key must be a str (a stable name such as a client id or parameter name); got {type(key).__name__}"
+        )
+    return key
+
+
+def _check_compressor(compressor) -> Compressor:
+    if isinstance(compressor, _Stateful):
+        raise TypeError("compressor must be a base compressor, not another ErrorFeedback/EF21 wrapper")
+    if not isinstance(compressor, Compressor):
+        raise TypeError(f"compressor must be a fedcomp Compressor; got {type(compressor).__name__}")
+    return compressor
+
+
+class _Stateful:
+    """Per-key tensors that ``state_dict`` saves (cloned) and ``load_state_dict`` restores."""
+
+    _slots: tuple[str, ...] = ()
+
+    def __init__(self, compressor: Compressor):
+        self.compressor = _check_compressor(compressor)
+        for slot in self._slots:
+            setattr(self, slot, {})
+
+    @property
+    def kind(self) -> str:
+        return self.compressor.kind
+
+    def wire_bytes(self, numel: int, dtype: torch.dtype = torch.float32, *, header: bool = True) -> int:
+        return self.compressor.wire_bytes(numel, dtype, header=header)
+
+    def _slot(self, table: dict, key, numel: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        key = _check_key(key)
+        t = table.get(key)
+        if t is None:
+            t = table[key] = torch.zeros(numel, dtype=dtype, device=device)
+        elif t.numel() != numel or t.device != device:
+            raise ValueError(
+                f"state for key {key!r} holds {t.numel()} entries on {t.device}; "
+                f"got {numel} on {device} (use a distinct key per tensor, or reset({key!r}))"
+            )
+        elif t.dtype != dtype:
+            raise TypeError(f"state for key {key!r} has dtype {t.dtype}; got x of dtype {dtype}")
+        return t
+
+    def reset(self, key: str | None = None) -> None:
+        """Forget the state of ``key`` (all keys if ``None``)."""
+        for slot in self._slots:
+            table = getattr(self, slot)
+            if key is None:
+                table.clear()
+            else:
+                table.pop(key, None)
+
+    def state_dict(self) -> dict:
+        state = {slot: {k: v.clone() for k, v in getattr(self, slot).items()} for slot in self._slots}
+        state["compressor"] = self.compressor.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for slot in self._slots:
+            if slot not in state:
+                raise ValueError(f"state is missing {slot!r}; keys: {sorted(state)}")
+            setattr(self, slot, {str(k): v.clone() for k, v in state[slot].items()})
+        self.compressor.load_state_dict(state.get("compressor", {}))
+
+
+class ErrorFeedback(_Stateful):
+    """Error feedback (EF14): send ``C(x + e)``, keep ``e <- x + e - decode(C(x + e))``.
+
+    The residual ``e`` of each ``key`` lives in ``x``'s dtype and is updated in place by
+    the fused op (one pass; no dense temporary). Over any number of calls,
+    ``sum(decoded) + e_final == sum(x)`` (exactly for top-k in fp32).
+    """
+
+    _slots = ("residuals",)
+
+    def compress(self, x: Tensor, key: str = "default") -> Payload:
+        x = _flat_input(x)
+        residual = self._slot(self.residuals, key, x.numel(), x.device, x.dtype)
+        return self.compressor._encode(x, residual)
+
+    def residual(self, key: str = "default") -> Tensor | None:
+        """The current residual of ``key`` (``None`` before its first call)."""
+        return self.residuals.get(key)
+
+    def __repr__(self) -> str:
+        return f"ErrorFeedback({self.compressor!r})"
+
+
+class EF21(_Stateful):
+    """EF21: send ``c = C(x - g)``, then ``g <- g + decode(c)``; the receiver keeps the same ``g``.
+
+    ``g`` (fp32, per key) is the receiver's current estimate of ``x``. The sender calls
+    :meth:`compress`; the receiver calls :meth:`receive` with the payload and the same
+    key, which returns its copy of ``g`` (identical to the sender's). Payloads encode
+    float32 differences whatever ``x``'s dtype.
+    """
+
+    _slots = ("estimates", "received")
+
+    def compress(self, x: Tensor, key: str = "default") -> Payload:
+        x = _flat_input(x)
+        g = self._slot(self.estimates, key, x.numel(), x.device, torch.float32)
+        payload = self.compressor._encode(x.float() - g, None)
+        payload.accumulate_into(g)
+        return payload
+
+    def receive(self, payload: Payload, key: str = "default") -> Tensor:
+        """Receiver side: ``g_key += decode(payload)``; returns ``g_key`` ([numel] float32)."""
+        if not isinstance(payload, Payload):
+            raise TypeError(f"payload must be a fedcomp Payload; got {type(payload).__name__}")
+        g = self._slot(self.received, key, payload.numel, payload.device, torch.float32)
+        return payload.accumulate_into(g)
+
+    def estimate(self, key: str = "default") -> Tensor | None:
+        """The sender's estimate ``g`` of ``key`` (``None`` before its first call)."""
+        return self.estimates.get(key)
+
+    def __repr__(self) -> str:
+        return f"EF21({self.compressor!r})"

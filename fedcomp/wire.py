@@ -1,0 +1,384 @@
+"""The compressed payload and its binary wire format.
+
+A :class:`Payload` is what one compressor call produces: a kind, the dtype and
+length of the tensor it encodes, a few integer parameters, and one to three
+typed sections (values, indices, packed bits, scales). ``nbytes`` is the exact
+size of ``to_bytes()``; ``from_bytes`` parses and validates a buffer.
+
+Format (version 1, all integers little-endian)::
+
+    offset  size  field
+    0       4     magic b"FCMP"
+    4       1     format version (1)
+    5       1     kind      1 identity, 2 topk, 3 randk, 4 sign, 5 qsgd
+    6       1     dtype     1 float32, 2 float16, 3 bfloat16 (of the encoded tensor)
+    7       1     number of sections s (fixed per kind)
+    8       8     numel n
+    16      24    three u64 parameters (meaning per kind, unused ones 0)
+    40      8*s   byte length of each section
+    ...           the sections, back to back, no padding
+    end-4   4     CRC-32 (zlib) of every byte before it
+
+    nbytes = 44 + 8*s + sum(section lengths)
+
+Sections per kind (``w`` = 2 for float16/bfloat16, 4 for float32; index width
+``iw`` = 4 if ``n < 2**31`` else 8):
+
+=========  ==================  ==========================================  =========================
+kind       parameters          sections                                    section bytes
+=========  ==================  ==========================================  =========================
+identity   --                  values                                      ``n*w``
+topk       k                   values, indices (ascending)                 ``k*w``, ``k*iw``
+randk      k, seed             values (indices regenerated from the seed)  ``k*w``
+sign       block, l2           packed bits (1 bit per entry), scales fp32  ``ceil(n/8)``, ``4*ceil(n/block)``
+qsgd       levels L, bucket    packed codes (``ceil(log2(2L+1))`` bits),   ``ceil(n*bits/8)``,
+                               norms fp32                                  ``4*ceil(n/bucket)``
+=========  ==================  ==========================================  =========================
+
+``from_bytes`` raises ``ValueError`` (never another exception type, never a
+wrong tensor) for a buffer that is truncated, has trailing bytes, has a bad
+magic, version, kind, dtype or section count, parameters or section lengths
+that disagree with ``n``, a checksum mismatch (every single flipped bit is
+caught: CRC-32 detects all 1- and 2-bit errors), or top-k indices that are out
+of range or not strictly ascending.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import sys
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .reference import qsgd_bits
+
+__all__ = ["Payload", "FORMAT_VERSION", "MAGIC", "HEADER_BYTES", "index_dtype_for", "randk_indices", "wire_nbytes"]
+
+MAGIC = b"FCMP"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<4sBBBBQQQQ")
+HEADER_BYTES = _HEADER.size  # 40
+_CRC = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+_KIND_CODES = {"identity": 1, "topk": 2, "randk": 3, "sign": 4, "qsgd": 5}
+_KIND_NAMES = {v: k for k, v in _KIND_CODES.items()}
+_PARAM_NAMES = {
+    "identity": (),
+    "topk": ("k",),
+    "randk": ("k", "seed"),
+    "sign": ("block", "l2"),
+    "qsgd": ("levels", "bucket"),
+}
+_DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+_DTYPE_NAMES = {v: k for k, v in _DTYPE_CODES.items()}
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("fedcomp's wire format assumes a little-endian host")
+
+
+def index_dtype_for(numel: int) -> torch.dtype:
+    """int32 indices when every position fits (``numel < 2**31``), else int64."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+# --------------------------------------------------------------------------
+# RandK positions: a keyed pseudorandom permutation of [0, n)
+# --------------------------------------------------------------------------
+_M31 = (1 << 31) - 1
+_M62 = (1 << 62) - 1
+
+
+def _round(r: Tensor, key: int, mask: int) -> Tensor:
+    # A mixing function on half-words (< 2**31); products stay below 2**62, so int64 never wraps.
+    h = ((r ^ key) & _M31) * 0x5BD1E995 & _M62
+    h = h ^ (h >> 29)
+    h = (h & _M31) * 0x2C1B3C6D & _M62
+    return (h ^ (h >> 31)) & mask
+
+
+def randk_indices(seed: int, k: int, n: int, device: torch.device | str = "cpu") -> Tensor:
+    """``k`` distinct positions in ``[0, n)``, sorted ascending, determined by ``seed`` alone.
+
+    The positions are ``pi(0), ..., pi(k-1)`` for a 4-round Feistel permutation ``pi``
+    of ``[0, 2**(2h))`` (``h`` = half the bits of ``n``, round keys from Philox(seed)),
+    restricted to ``[0, n)`` by cycle walking. Being a permutation, it never repeats a
+    position; sender and receiver compute the same positions on any device.
+
+    Returns:
+        ``[k]`` int64.
+    """
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, n={n}]; got {k}")
+    if n >= 1 << 62:
+        raise ValueError(f"n must be < 2**62; got {n}")
+    from .reference import _philox4x32_10
+
+    half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+    mask = (1 << half) - 1
+    words = _philox4x32_10(seed, torch.zeros(1, dtype=torch.int64))
+    keys = [int(w) for w in words]
+
+    def permute(v: Tensor) -> Tensor:
+        left, right = v >> half, v & mask
+        for key in keys:
+            left, right = right, left ^ _round(right, key, mask)
+        return (left << half) | right
+
+    out = permute(torch.arange(k, dtype=torch.int64, device=device))
+    outside = out >= n
+    while bool(outside.any()):  # each walk leaves [0, n) with probability < 3/4
+        out[outside] = permute(out[outside])
+        outside = out >= n
+    return out.sort().values
+
+
+# --------------------------------------------------------------------------
+# Payload
+# --------------------------------------------------------------------------
+def _section_lengths(kind: str, dtype: torch.dtype, numel: int, params: dict) -> list[int]:
+    """Byte length of each section, from the header fields alone."""
+    w = torch.empty((), dtype=dtype).element_size()
+    if kind == "identity":
+        return [numel * w]
+    if kind == "topk":
+        return [params["k"] * w, params["k"] * torch.empty((), dtype=index_dtype_for(numel)).element_size()]
+    if kind == "randk":
+        return [params["k"] * w]
+    if kind == "sign":
+        return [-(-numel // 8), 4 * -(-numel // params["block"])]
+    return [-(-numel * qsgd_bits(params["levels"]) // 8), 4 * -(-numel // params["bucket"])]
+
+
+def wire_nbytes(kind: str, dtype: torch.dtype, numel: int, params: dict, *, header: bool = True) -> int:
+    """Exact wire size of a payload: ``44 + 8*s + sum(section lengths)`` (``header=False``: the sum alone)."""
+    lengths = _section_lengths(kind, dtype, numel, params)
+    return sum(lengths) + (HEADER_BYTES + 8 * len(lengths) + _CRC.size if header else 0)
+
+
+def _check_params(kind: str, numel: int, params: dict) -> None:
+    """Raise ValueError if header parameters cannot describe a tensor of ``numel`` entries."""
+    if numel >= 1 << 62:
+        raise ValueError(f"numel={numel} is not < 2**62")
+    if kind in ("topk", "randk") and not 0 <= params["k"] <= numel:
+        raise ValueError(f"k={params['k']} is not in [0, numel={numel}]")
+    if kind == "randk" and params["seed"] >= 1 << 63:
+        raise ValueError(f"seed={params['seed']} is not < 2**63")
+    if kind == "sign":
+        if not 1 <= params["block"] < 1 << 62:
+            raise ValueError(f"block={params['block']} is not in [1, 2**62)")
+        if params["l2"] not in (0, 1):
+            raise ValueError(f"l2 flag must be 0 or 1; got {params['l2']}")
+    if kind == "qsgd":
+        if not 1 <= params["levels"] <= ops.MAX_LEVELS:
+            raise ValueError(f"levels={params['levels']} is not in [1, {ops.MAX_LEVELS}]")
+        if not 1 <= params["bucket"] < 1 << 62:
+            raise ValueError(f"bucket={params['bucket']} is not in [1, 2**62)")
+
+
+def _section_dtypes(kind: str, dtype: torch.dtype, numel: int) -> list[torch.dtype]:
+    if kind == "identity" or kind == "randk":
+        return [dtype]
+    if kind == "topk":
+        return [dtype, index_dtype_for(numel)]
+    return [torch.uint8, torch.float32]
+
+
+@dataclass(frozen=True, eq=False)
+class Payload:
+    """One compressed tensor: what a compressor sends.
+
+    Attributes:
+        kind: ``"identity" | "topk" | "randk" | "sign" | "qsgd"``.
+        dtype: dtype of the tensor that was compressed (float32/float16/bfloat16).
+        numel: its number of entries.
+        params: kind-specific integers (see the module docstring), e.g. ``{"k": 100}``.
+        sections: the typed tensors that go on the wire, e.g. ``(values, indices)``.
+    """
+
+    kind: str
+    dtype: torch.dtype
+    numel: int
+    params: dict
+    sections: tuple[Tensor, ...]
+
+    def __post_init__(self):
+        if self.kind not in _KIND_CODES:
+            raise ValueError(f"kind must be one of {', '.join(_KIND_CODES)}; got {self.kind!r}")
+        if self.dtype not in _DTYPE_CODES:
+            raise ValueError(f"dtype must be float32, float16 or bfloat16; got {self.dtype}")
+        if set(self.params) != set(_PARAM_NAMES[self.kind]):
+            raise ValueError(
+                f"params of a {self.kind} payload must be {_PARAM_NAMES[self.kind]}; got {tuple(self.params)}"
+            )
+        _check_params(self.kind, self.numel, self.params)
+        want = _section_lengths(self.kind, self.dtype, self.numel, self.params)
+        dtypes = _section_dtypes(self.kind, self.dtype, self.numel)
+        if len(self.sections) != len(want):
+            raise ValueError(f"a {self.kind} payload has {len(want)} sections; got {len(self.sections)}")
+        for i, (t, nb, dt) in enumerate(zip(self.sections, want, dtypes)):
+            if t.dtype != dt or t.dim() != 1 or t.numel() * t.element_size() != nb:
+                raise ValueError(
+                    f"section {i} of a {self.kind} payload must be a 1-D {dt} tensor of {nb} bytes; "
+                    f"got {t.dtype} of shape {tuple(t.shape)}"
+                )
+
+    # -- sizes ---------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Exact length of :meth:`to_bytes`: ``44 + 8*len(sections) + sum(section bytes)``."""
+        return wire_nbytes(self.kind, self.dtype, self.numel, self.params)
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes the uncompressed tensor would take (``numel * itemsize``)."""
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    # -- serialisation -------------------------------------------------------
+    def _header(self) -> bytes:
+        p = [int(self.params[name]) for name in _PARAM_NAMES[self.kind]] + [0, 0, 0]
+        head = _HEADER.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            _KIND_CODES[self.kind],
+            _DTYPE_CODES[self.dtype],
+            len(self.sections),
+            self.numel,
+            *p[:3],
+        )
+        return head + b"".join(_U64.pack(t.numel() * t.element_size()) for t in self.sections)
+
+    def to_bytes(self) -> bytes:
+        """The payload in the wire format (see the module docstring)."""
+        parts = [self._header()]
+        parts += [t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() for t in self.sections]
+        body = b"".join(parts)
+        return body + _CRC.pack(zlib.crc32(body))
+
+    @classmethod
+    def from_bytes(cls, buf, device: torch.device | str = "cpu") -> Payload:
+        """Parse and validate a wire buffer (``bytes``, ``bytearray`` or ``memoryview``).
+
+        Raises:
+            ValueError: saying what is wrong, for any buffer :meth:`to_bytes` did not produce.
+        """
+        if not isinstance(buf, (bytes, bytearray, memoryview)):
+            raise TypeError(f"buf must be bytes, bytearray or memoryview; got {type(buf).__name__}")
+        buf = bytes(buf)
+        if len(buf) < HEADER_BYTES + 4:
+            raise ValueError(f"payload truncated: {len(buf)} bytes is shorter than the {HEADER_BYTES + 4}-byte minimum")
+        magic, version, kind_code, dtype_code, nsec, numel, *raw = _HEADER.unpack_from(buf)
+        if magic != MAGIC:
+            raise ValueError(f"not a fedcomp payload: magic is {magic!r}, expected {MAGIC!r}")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"unsupported payload format version {version}; this fedcomp reads version {FORMAT_VERSION}"
+            )
+        if kind_code not in _KIND_NAMES:
+            raise ValueError(f"unknown payload kind code {kind_code}; known: {sorted(_KIND_NAMES)}")
+        if dtype_code not in _DTYPE_NAMES:
+            raise ValueError(f"unknown dtype code {dtype_code}; known: {sorted(_DTYPE_NAMES)}")
+        kind, dtype = _KIND_NAMES[kind_code], _DTYPE_NAMES[dtype_code]
+        names = _PARAM_NAMES[kind]
+        if any(raw[len(names) :]):
+            raise ValueError(f"unused parameter fields of a {kind} payload must be 0; got {raw}")
+        params = dict(zip(names, raw))
+        want_lengths = None
+        try:
+            _check_params(kind, numel, params)
+            want_lengths = _section_lengths(kind, dtype, numel, params)
+        except ValueError as e:
+            raise ValueError(f"inconsistent {kind} payload header: {e}") from None
+        if nsec != len(want_lengths):
+            raise ValueError(f"a {kind} payload has {len(want_lengths)} sections; header says {nsec}")
+        table_end = HEADER_BYTES + 8 * nsec
+        if len(buf) < table_end + 4:
+            raise ValueError(f"payload truncated: {len(buf)} bytes, the header alone needs {table_end + 4}")
+        lengths = [_U64.unpack_from(buf, HEADER_BYTES + 8 * i)[0] for i in range(nsec)]
+        if lengths != want_lengths:
+            raise ValueError(
+                f"section lengths {lengths} disagree with numel={numel} and {params}: expected {want_lengths}"
+            )
+        total = table_end + sum(lengths) + 4
+        if len(buf) < total:
+            raise ValueError(f"payload truncated: {len(buf)} bytes, expected {total}")
+        if len(buf) > total:
+            raise ValueError(f"payload has {len(buf) - total} trailing bytes: {len(buf)} bytes, expected {total}")
+        (crc,) = _CRC.unpack_from(buf, total - 4)
+        if zlib.crc32(buf[: total - 4]) != crc:
+            raise ValueError("payload checksum mismatch: the buffer was corrupted")
+        sections, pos = [], table_end
+        for nb, dt in zip(lengths, _section_dtypes(kind, dtype, numel)):
+            raw_t = (
+                torch.frombuffer(bytearray(buf[pos : pos + nb]), dtype=torch.uint8)
+                if nb
+                else torch.empty(0, dtype=torch.uint8)
+            )
+            sections.append(raw_t.view(dt).to(device))
+            pos += nb
+        if kind == "topk" and params["k"]:
+            idx = sections[1]
+            if (
+                int(idx.min()) < 0
+                or int(idx.max()) >= numel
+                or (idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()))
+            ):
+                raise ValueError(f"top-k indices must be strictly ascending and in [0, {numel})")
+        return cls(kind, dtype, numel, params, tuple(sections))
+
+    # -- decoding ------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.sections[0].device
+
+    def indices(self) -> Tensor:
+        """Positions of a sparse (topk/randk) payload's values: ``[k]``, ascending."""
+        if self.kind == "topk":
+            return self.sections[1]
+        if self.kind == "randk":
+            return randk_indices(self.params["seed"], self.params["k"], self.numel, self.device)
+        raise ValueError(f"a {self.kind} payload is not sparse")
+
+    def accumulate_into(self, out: Tensor, alpha: float = 1.0) -> Tensor:
+        """``out += alpha * decode()`` without a dense temporary for sparse kinds.
+
+        Args:
+            out: ``[numel]`` float32 on the payload's device.
+        """
+        if out.numel() != self.numel:
+            raise ValueError(f"out must have {self.numel} entries; got {out.numel()}")
+        if self.kind in ("topk", "randk"):
+            return ops.sparse_accumulate(out, self.indices(), self.sections[0], alpha)
+        dense = self.sections[0] if self.kind == "identity" else self._decode_quantized()
+        return out.add_(dense, alpha=alpha)
+
+    def _decode_quantized(self) -> Tensor:
+        packed, scales = self.sections
+        if self.kind == "sign":
+            return ops.sign_decode(packed, scales, self.numel, self.params["block"])
+        return ops.qsgd_decode(packed, scales, self.numel, self.params["levels"], self.params["bucket"])
+
+    def decode(self) -> Tensor:
+        """The dense tensor this payload encodes: ``[numel]`` float32 on the payload's device."""
+        if self.kind in ("sign", "qsgd"):
+            return self._decode_quantized()
+        if self.kind == "identity":
+            return self.sections[0].float()
+        return self.accumulate_into(torch.zeros(self.numel, dtype=torch.float32, device=self.device))
+
+    @property
+    def compression_ratio(self) -> float:
+        """``dense_nbytes / nbytes`` (how many times smaller than sending the tensor raw)."""
+        return self.dense_nbytes / self.nbytes if self.nbytes else math.inf
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return (
+            f"Payload({self.kind}, {str(self.dtype).replace('torch.', '')}, numel={self.numel}"
+            f"{', ' + params if params else ''}, nbytes={self.nbytes})"
+        )
