@@ -1,0 +1,7 @@
+"""``python -m fedsynsam`` is the ``fedsynsam`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

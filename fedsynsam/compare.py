@@ -1,0 +1,154 @@
+"""``fedsynsam compare``: a grid of runs, restartable, summarised in results.md / results.csv and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from .config import Config
+from .data import load_dataset
+from .plots import plot_runs
+
+__all__ = ["run_grid", "collect", "format_results"]
+
+
+def _run_dir(out: Path, algorithm: str, compressor: str, seed: int) -> Path:
+    return out / f"{algorithm}-{compressor}-s{seed}"
+
+
+def _configs(base: dict, algorithms, compressors, seeds) -> list[Config]:
+    cfgs = []
+    for a in algorithms:
+        for c in compressors:
+            for s in seeds:
+                cfgs.append(Config.from_dict({**base, "algorithm": a, "compressor": c, "seed": s}).validate())
+    return cfgs
+
+
+def run_grid(base: dict, algorithms, compressors, seeds, out: Path, *, progress: bool = True) -> list[dict]:
+    """Run every (algorithm, compressor, seed) not yet finished in ``out``; write and print the results."""
+    from tqdm.auto import tqdm
+
+    from .trainer import Trainer
+
+    if not algorithms or not compressors or not seeds:
+        raise ValueError("algorithms, compressors and seeds must each name at least one entry")
+    cfgs = _configs(base, algorithms, compressors, seeds)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(cfgs[0].dataset, cfgs[0].data_dir)
+    bar = tqdm(cfgs, desc="compare", unit="run", disable=not progress)
+    for cfg in bar:
+        run_dir = _run_dir(out, cfg.algorithm, cfg.compressor, cfg.seed)
+        bar.set_postfix_str(run_dir.name)
+        summary = run_dir / "summary.json"
+        if summary.is_file():
+            saved = json.loads(summary.read_text())["config"]
+            if saved != cfg.to_dict():
+                diff = sorted(k for k in saved if saved[k] != cfg.to_dict().get(k))
+                raise ValueError(f"{run_dir} holds a finished run with other settings ({', '.join(diff)}); use another --out")
+            continue
+        resume = (run_dir / "checkpoint.pt").is_file()
+        Trainer(cfg, run_dir, dataset=data).run(resume=resume, progress=progress)
+    rows = collect(out, algorithms, compressors, seeds)
+    table = format_results(rows, cfgs[0])
+    (out / "results.md").write_text(table + "\n")
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    _plot_grid(out, algorithms, compressors, seeds)
+    print(table)
+    print(f"\nwritten: {out / 'results.md'}, {out / 'results.csv'}, {out / 'accuracy_vs_round.png'}, {out / 'accuracy_vs_bytes.png'}")
+    return rows
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def collect(out: Path, algorithms, compressors, seeds) -> list[dict]:
+    """One row per (algorithm, compressor): accuracy mean and std over seeds, bytes, extra summary fields."""
+    rows = []
+    for a in algorithms:
+        for c in compressors:
+            summaries = [json.loads((_run_dir(out, a, c, s) / "summary.json").read_text()) for s in seeds]
+            acc_m, acc_s = _mean_std([x["final_test_acc"] for x in summaries])
+            last5_m, last5_s = _mean_std([x["mean_test_acc_last5"] for x in summaries])
+            row = {
+                "algorithm": a,
+                "compressor": c,
+                "seeds": len(seeds),
+                "final_acc_mean": acc_m,
+                "final_acc_std": acc_s,
+                "last5_acc_mean": last5_m,
+                "last5_acc_std": last5_s,
+                "uplink_MB": statistics.fmean(x["total_uplink_bytes"] for x in summaries) / 1e6,
+                "downlink_MB": statistics.fmean(x["total_downlink_bytes"] for x in summaries) / 1e6,
+                "seconds": statistics.fmean(x["seconds"] for x in summaries),
+            }
+            for key in ("lambda_max", "hessian_trace"):
+                vals = [x[key] for x in summaries if x.get(key) is not None]
+                if len(vals) == len(summaries):
+                    row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(vals)
+            rows.append(row)
+    return rows
+
+
+def format_results(rows: list[dict], cfg: Config) -> str:
+    """A Markdown table of :func:`collect`'s rows, with the shared settings above it."""
+    sharp = "lambda_max_mean" in rows[0]
+    head = ["algorithm", "compressor", "final test acc", "last-5 mean acc", "uplink MB", "downlink MB", "s/run"]
+    if sharp:
+        head += ["λ_max", "trace"]
+    lines = [
+        f"Dataset {cfg.dataset}, model {cfg.model}, {cfg.clients} clients ({cfg.per_round}/round), "
+        f"Dirichlet α={cfg.alpha}, {cfg.rounds} rounds, K={cfg.local_steps}, lr={cfg.lr}, ρ={cfg.rho}, "
+        f"top-k/rand-k ratio {cfg.ratio}, error feedback {'on' if cfg.error_feedback else 'off'}; "
+        f"mean ± std over {rows[0]['seeds']} seed(s).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        cells = [
+            r["algorithm"],
+            r["compressor"],
+            f"{r['final_acc_mean']:.4f} ± {r['final_acc_std']:.4f}",
+            f"{r['last5_acc_mean']:.4f} ± {r['last5_acc_std']:.4f}",
+            f"{r['uplink_MB']:.2f}",
+            f"{r['downlink_MB']:.2f}",
+            f"{r['seconds']:.1f}",
+        ]
+        if sharp:
+            cells += [
+                f"{r['lambda_max_mean']:.3g} ± {r['lambda_max_std']:.2g}",
+                f"{r['hessian_trace_mean']:.3g} ± {r['hessian_trace_std']:.2g}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plot_grid(out: Path, algorithms, compressors, seeds) -> None:
+    """Accuracy curves averaged over seeds, one line per (algorithm, compressor)."""
+    runs = {}
+    for a in algorithms:
+        for c in compressors:
+            per_seed = [_records(_run_dir(out, a, c, s)) for s in seeds]
+            merged = []
+            for rs in zip(*per_seed):
+                accs = [r["test_acc"] for r in rs]
+                merged.append(
+                    {
+                        "round": rs[0]["round"],
+                        "test_acc": None if None in accs else statistics.fmean(accs),
+                        "uplink_bytes": statistics.fmean(r["uplink_bytes"] for r in rs),
+                    }
+                )
+            runs[f"{a}/{c}"] = merged
+    plot_runs(runs, out)

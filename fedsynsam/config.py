@@ -1,0 +1,151 @@
+"""The run configuration: defaults, validation with clear messages, TOML files."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .algorithms import ALGORITHMS
+from .data import DATASETS
+from .models import MODELS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Config", "COMPRESSORS", "PARTITIONS", "PERTURBATION_MODES", "load_toml"]
+
+COMPRESSORS = ("none", "topk", "randk", "sign", "qsgd")
+PARTITIONS = ("dirichlet", "shards")
+PERTURBATION_MODES = ("client", "server")
+
+
+@dataclass
+class Config:
+    """Every setting of a run. ``fedsynsam train --help`` lists them as flags."""
+
+    algorithm: str = "fedavg"
+    compressor: str = "none"
+    ratio: float = 0.01  # kept fraction for topk / randk
+    error_feedback: bool = True  # EF residual per client (ignored for compressor "none")
+    sign_block: int = 512  # entries per scale of the sign compressor
+    qsgd_levels: int = 4
+    qsgd_bucket: int = 512
+    rounds: int = 100
+    clients: int = 20
+    per_round: int = 5
+    alpha: float = 0.1  # Dirichlet concentration (partition "dirichlet")
+    partition: str = "dirichlet"
+    shards_per_client: int = 2  # partition "shards"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: str = "mlp"
+    seed: int = 0
+    local_steps: int = 10  # K
+    batch_size: int = 32
+    lr: float = 0.05  # eta, local
+    server_lr: float = 1.0  # eta_g
+    weight_decay: float = 0.0
+    rho: float = 0.05  # SAM radius
+    mofedsam_alpha: float = 0.9  # MoFedSAM mixing weight of the local gradient
+    perturbation: str = "client"  # FedSynSAM: "client" or "server"
+    syn_per_class: int = 10
+    syn_min_models: int = 10  # L_min
+    syn_period: int = 10  # P
+    syn_window: int = 20  # global models kept
+    syn_span: int = 2  # M
+    syn_unroll: int = 10  # N
+    syn_iters: int = 100
+    syn_lr_images: float = 0.05
+    syn_lr_labels: float = 0.05
+    syn_lr_step: float = 0.01
+    eval_every: int = 1
+    checkpoint_every: int = 1
+
+    def validate(self) -> Config:
+        """Raise ValueError naming the setting and its valid range or choices."""
+        choices = {
+            "algorithm": ALGORITHMS,
+            "compressor": COMPRESSORS,
+            "dataset": DATASETS,
+            "model": MODELS,
+            "partition": PARTITIONS,
+            "perturbation": PERTURBATION_MODES,
+        }
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(valid)}")
+        positive_ints = (
+            "rounds clients per_round shards_per_client local_steps batch_size sign_block qsgd_bucket "
+            "syn_per_class syn_min_models syn_period syn_window syn_span syn_unroll syn_iters eval_every "
+            "checkpoint_every"
+        ).split()
+        for name in positive_ints:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2**32); got {self.seed!r}")
+        if not 1 <= self.qsgd_levels <= 32768:
+            raise ValueError(f"qsgd_levels must be in [1, 32768]; got {self.qsgd_levels}")
+        if self.per_round > self.clients:
+            raise ValueError(f"per_round must be in [1, clients={self.clients}]; got {self.per_round}")
+        for name, lo, hi, closed_lo in (
+            ("ratio", 0.0, 1.0, False),
+            ("alpha", 0.0, float("inf"), False),
+            ("lr", 0.0, float("inf"), False),
+            ("server_lr", 0.0, float("inf"), False),
+            ("rho", 0.0, float("inf"), True),
+            ("weight_decay", 0.0, float("inf"), True),
+            ("mofedsam_alpha", 0.0, 1.0, True),
+            ("syn_lr_images", 0.0, float("inf"), False),
+            ("syn_lr_labels", 0.0, float("inf"), True),
+            ("syn_lr_step", 0.0, float("inf"), True),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name} must be a number; got {v!r}")
+            ok = (v >= lo if closed_lo else v > lo) and v <= hi and v == v
+            if not ok:
+                bracket = "[" if closed_lo else "("
+                raise ValueError(f"{name} must be in {bracket}{lo}, {hi}]; got {v!r}")
+        if self.syn_window <= self.syn_span:
+            raise ValueError(f"syn_window must be > syn_span={self.syn_span}; got {self.syn_window}")
+        if self.syn_min_models <= self.syn_span or self.syn_min_models > self.syn_window:
+            raise ValueError(
+                f"syn_min_models must be in [syn_span+1={self.syn_span + 1}, syn_window={self.syn_window}]; "
+                f"got {self.syn_min_models}"
+            )
+        if self.dataset != "digits" and not self.data_dir:
+            raise ValueError(f"dataset {self.dataset!r} is read from files: set data_dir (--data-dir)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> Config:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+        cfg = cls(**values)
+        for name, f in known.items():  # ints given where floats are expected are fine; coerce them
+            if f.type == "float" and isinstance(getattr(cfg, name), int) and not isinstance(getattr(cfg, name), bool):
+                setattr(cfg, name, float(getattr(cfg, name)))
+        return cfg
+
+
+def load_toml(path: str | Path) -> dict:
+    """Settings from a TOML file: top-level keys named like :class:`Config` fields (``-`` or ``_``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
+    return {k.replace("-", "_"): v for k, v in data.items()}

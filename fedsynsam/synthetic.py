@@ -1,0 +1,126 @@
+"""FedSynSAM's server side: the trajectory of global models and the synthetic set distilled from it.
+
+Our reading of the paper (design.md section 4; every choice is a configurable default):
+the server keeps the last ``window`` global models. Once it holds ``min_models`` of
+them, and then every ``period`` rounds, it distils a labelled synthetic set ``D_syn``
+(``per_class`` images per class, learnable soft labels, a learnable step size) by
+trajectory matching: pick a start ``s`` in the window, set ``theta_0 = w^s``, unroll
+``unroll`` differentiable SGD steps on ``D_syn`` and minimise
+
+    ||theta_N - w^{s+M}||^2 / ||w^s - w^{s+M}||^2
+
+over images, label logits and log step size with Adam. The server has no data: the
+images start as Gaussian noise in the (standardised) input space.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from fedcomp.flat import FlatSpec, unflatten
+
+from .algorithms import soft_cross_entropy
+
+__all__ = ["SyntheticSet", "distill", "matching_loss"]
+
+
+@dataclass
+class SyntheticSet:
+    images: Tensor  # [m, C, H, W] float32
+    label_logits: Tensor  # [m, classes] float32
+    log_lr: Tensor  # [] float32
+    version: int  # refresh counter (1 for the first set)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes to send it down: fp32 images, label logits and the step size."""
+        return 4 * (self.images.numel() + self.label_logits.numel() + 1)
+
+    def state_dict(self) -> dict:
+        return {"images": self.images, "label_logits": self.label_logits, "log_lr": self.log_lr, "version": self.version}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> SyntheticSet:
+        return cls(state["images"], state["label_logits"], state["log_lr"], int(state["version"]))
+
+
+def _unroll(model: nn.Module, spec: FlatSpec, theta0: Tensor, images, label_logits, log_lr, steps: int) -> Tensor:
+    """``steps`` differentiable SGD steps from ``theta0`` on the soft-labelled set; returns theta_N."""
+    theta = theta0.detach().clone().requires_grad_(True)
+    lr = log_lr.exp()
+    for _ in range(steps):
+        logits = functional_call(model, unflatten(theta, spec), (images,))
+        (g,) = torch.autograd.grad(soft_cross_entropy(logits, label_logits), theta, create_graph=True)
+        theta = theta - lr * g
+    return theta
+
+
+def matching_loss(model, spec, start: Tensor, target: Tensor, images, label_logits, log_lr, steps: int) -> Tensor:
+    """``||theta_N - target||^2 / ||start - target||^2`` after ``steps`` unrolled steps from ``start``."""
+    theta = _unroll(model, spec, start, images, label_logits, log_lr, steps)
+    return (theta - target).pow(2).sum() / (start - target).pow(2).sum().clamp_min(1e-12)
+
+
+def distill(
+    model: nn.Module,
+    spec: FlatSpec,
+    trajectory: list[Tensor],
+    *,
+    input_shape,
+    num_classes: int,
+    per_class: int,
+    unroll: int,
+    span: int,
+    iters: int,
+    lr_images: float,
+    lr_labels: float,
+    lr_step: float,
+    init_step: float,
+    generator: torch.Generator,
+    version: int,
+    init: SyntheticSet | None = None,
+) -> tuple[SyntheticSet, list[float]]:
+    """Distil a synthetic set from ``trajectory`` (flat global models, oldest first).
+
+    Args:
+        span: ``M``, the number of rounds between the start and the target model.
+        init: a previous set to continue from (warm start); else noise and one-hot labels.
+
+    Returns:
+        ``(set, losses)`` with the matching loss of every iteration.
+    """
+    if len(trajectory) <= span:
+        raise ValueError(f"trajectory holds {len(trajectory)} models; need more than span={span}")
+    m = per_class * num_classes
+    if init is None:
+        images = torch.randn((m, *input_shape), generator=generator)
+        label_logits = 3.0 * torch.eye(num_classes).repeat_interleave(per_class, dim=0)
+        log_lr = torch.tensor(math.log(init_step))
+    else:
+        images, label_logits, log_lr = init.images.clone(), init.label_logits.clone(), init.log_lr.clone()
+    images.requires_grad_(True)
+    label_logits.requires_grad_(True)
+    log_lr.requires_grad_(True)
+    opt = torch.optim.Adam(
+        [
+            {"params": [images], "lr": lr_images},
+            {"params": [label_logits], "lr": lr_labels},
+            {"params": [log_lr], "lr": lr_step},
+        ]
+    )
+    starts = len(trajectory) - span
+    losses = []
+    for _ in range(iters):
+        s = int(torch.randint(0, starts, (1,), generator=generator))
+        loss = matching_loss(model, spec, trajectory[s], trajectory[s + span], images, label_logits, log_lr, unroll)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    out = SyntheticSet(images.detach(), label_logits.detach(), log_lr.detach(), version)
+    return out, losses

@@ -1,0 +1,371 @@
+"""The federated training loop with compressed uploads (fedcomp in the hot loop).
+
+Per round ``t``: sample ``per_round`` clients; each starts from ``w^t``, runs ``K``
+local steps with its algorithm's perturbation, and uploads ``Delta_i = w_i^K - w^t``
+flattened into one buffer and compressed by a fedcomp compressor (with a
+per-client error-feedback residual, created at the client's first participation).
+The payload goes through ``to_bytes`` / ``Payload.from_bytes`` exactly as on a
+network, and the server sets ``w^{t+1} = w^t + server_lr * fedcomp.aggregate(payloads)``.
+
+Every random choice of round ``t`` (client sample, minibatches, synthetic-set
+initialisation and starts) comes from generators seeded by ``(seed, t, ...)``, so a
+run resumed from its checkpoint after round ``t`` equals the uninterrupted run to
+the bit.
+
+Bytes: uplink is the sum of the payloads' ``nbytes``. Downlink per sampled client:
+the global model as an identity payload, plus the previous global update ``u^{t-1}``
+for MoFedSAM / FedLESAM / FedSynSAM-before-``D_syn`` (dense), plus ``D_syn`` for
+FedSynSAM in client mode when the client has not received the current version, or
+the round's ``eps`` (dense) in server mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fedcomp
+from fedcomp.flat import flatten, unflatten
+
+from . import algorithms as alg
+from .config import Config
+from .data import Dataset, dirichlet_partition, load_dataset, shard_partition
+from .models import build_model
+from .synthetic import SyntheticSet, distill
+
+__all__ = ["Trainer", "RunState", "build_uplink", "METRIC_KEYS"]
+
+METRIC_KEYS = ("round", "test_acc", "test_loss", "train_loss", "uplink_bytes", "downlink_bytes", "seconds")
+_DIRECTION_ALGOS = ("mofedsam", "fedlesam", "fedsynsam")
+
+
+def build_uplink(cfg: Config):
+    """The client-side compressor for ``cfg`` (wrapped in ErrorFeedback when asked)."""
+    base = {
+        "none": lambda: fedcomp.Identity(),
+        "topk": lambda: fedcomp.TopK(cfg.ratio),
+        "randk": lambda: fedcomp.RandK(cfg.ratio, seed=cfg.seed),
+        "sign": lambda: fedcomp.Sign(block=cfg.sign_block),
+        "qsgd": lambda: fedcomp.QSGD(levels=cfg.qsgd_levels, bucket=cfg.qsgd_bucket, seed=cfg.seed),
+    }[cfg.compressor]()
+    return fedcomp.ErrorFeedback(base) if cfg.error_feedback and cfg.compressor != "none" else base
+
+
+def _generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded by a tuple of small ints (seed, round, purpose, client)."""
+    h = 0
+    for k in key:
+        h = (h * 1_000_003 + int(k) + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(h)
+
+
+@dataclass
+class RunState:
+    """Everything that evolves over rounds (what the checkpoint holds)."""
+
+    round: int  # next round to run
+    w: torch.Tensor  # flat global model
+    u_prev: torch.Tensor | None = None  # previous global update
+    trajectory: list = field(default_factory=list)  # flat global models, oldest first
+    synthetic: SyntheticSet | None = None
+    last_refresh: int = -1
+    client_syn_version: dict = field(default_factory=dict)  # client -> version of D_syn it holds
+    uplink_state: dict = field(default_factory=dict)
+    distill_losses: list = field(default_factory=list)  # (round, first, last) per refresh
+
+
+class Trainer:
+    """One federated run. ``Trainer(cfg, out_dir).run()``; ``resume=True`` continues from the checkpoint."""
+
+    def __init__(self, cfg: Config, out_dir: str | Path | None = None, *, dataset: Dataset | None = None):
+        self.cfg = cfg.validate()
+        self.out = Path(out_dir) if out_dir is not None else None
+        self.data = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes)
+        w0, self.spec = flatten(self.model)
+        self.views = unflatten(torch.empty_like(w0), self.spec)  # scratch for loading params
+        self.params = dict(self.model.named_parameters())
+        if cfg.partition == "dirichlet":
+            self.partition = dirichlet_partition(self.data.y_train, cfg.clients, cfg.alpha, cfg.seed)
+        else:
+            self.partition = shard_partition(self.data.y_train, cfg.clients, cfg.shards_per_client, cfg.seed)
+        self.uplink = build_uplink(cfg)
+        self.state = RunState(round=0, w=w0.clone(), trajectory=[w0.clone()])
+        self.timings = {"local": 0.0, "compress": 0.0, "wire": 0.0, "aggregate": 0.0, "distill": 0.0, "eval": 0.0}
+
+    # -- model helpers -------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        return self.spec.numel
+
+    def load_flat(self, flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            for name, view in unflatten(flat, self.spec).items():
+                self.params[name].copy_(view)
+
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [v.clone() for v in unflatten(flat, self.spec).values()]
+
+    @torch.no_grad()
+    def evaluate(self, flat: torch.Tensor | None = None) -> tuple[float, float]:
+        """(test accuracy, test loss) of ``flat`` (default: the global model)."""
+        self.load_flat(self.state.w if flat is None else flat)
+        logits = self.model(self.data.x_test)
+        loss = float(F.cross_entropy(logits, self.data.y_test))
+        acc = float((logits.argmax(1) == self.data.y_test).float().mean())
+        return acc, loss
+
+    # -- perturbation of this round ------------------------------------------
+    def _direction_flat(self) -> torch.Tensor | None:
+        u = self.state.u_prev
+        return None if u is None else -u
+
+    def _round_perturbation(self) -> tuple[alg.Perturbation, str]:
+        """The perturbation source of this round and which one it is (for the record)."""
+        cfg, st = self.cfg, self.state
+        if cfg.algorithm == "fedavg":
+            return alg.NoPerturbation(), "none"
+        if cfg.algorithm in ("fedsam", "mofedsam"):
+            return alg.BatchGradient(cfg.rho), "batch"
+        if cfg.algorithm == "fedsynsam" and st.synthetic is not None:
+            if cfg.perturbation == "client":
+                return alg.SyntheticGradient(st.synthetic.images, st.synthetic.label_logits, cfg.rho), "synthetic"
+            self.load_flat(st.w)
+            params = [p for p in self.model.parameters()]
+            g = torch.autograd.grad(
+                alg.soft_cross_entropy(self.model(st.synthetic.images), st.synthetic.label_logits), params
+            )
+            return alg.FixedDirection([t.detach() for t in g], cfg.rho), "synthetic-server"
+        d = self._direction_flat()
+        return alg.FixedDirection(None if d is None else self._split(d), cfg.rho), "previous-update"
+
+    def _downlink_per_client(self, source: str, client: int) -> int:
+        dense = fedcomp.Identity().wire_bytes(self.numel)
+        total = dense  # the global model
+        if self.cfg.algorithm == "mofedsam" or source == "previous-update":
+            total += dense if self.state.u_prev is not None else 0
+        if source == "synthetic":
+            if self.state.client_syn_version.get(client) != self.state.synthetic.version:
+                total += self.state.synthetic.nbytes
+                self.state.client_syn_version[client] = self.state.synthetic.version
+        elif source == "synthetic-server":
+            total += dense
+        return total
+
+    # -- one round -----------------------------------------------------------
+    def run_round(self) -> dict:
+        cfg, st = self.cfg, self.state
+        t, start = st.round, time.perf_counter()
+        clients = torch.randperm(cfg.clients, generator=_generator(cfg.seed, t, 0))[: cfg.per_round].sort().values
+        perturbation, source = self._round_perturbation()
+        momentum = None
+        if cfg.algorithm == "mofedsam" and st.u_prev is not None:
+            momentum = self._split(-st.u_prev / (cfg.local_steps * cfg.lr))
+        payloads, losses, down = [], [], 0
+        delta = torch.empty_like(st.w)
+        for c in clients.tolist():
+            down += self._downlink_per_client(source, c)
+            tic = time.perf_counter()
+            self.load_flat(st.w)
+            idx = self.partition[c]
+            loss = alg.local_train(
+                self.model,
+                self.data.x_train[idx],
+                self.data.y_train[idx],
+                steps=cfg.local_steps,
+                batch_size=cfg.batch_size,
+                lr=cfg.lr,
+                perturbation=perturbation,
+                generator=_generator(cfg.seed, t, 1, c),
+                momentum=momentum,
+                alpha=cfg.mofedsam_alpha if momentum is not None else 1.0,
+                weight_decay=cfg.weight_decay,
+            )
+            losses.append(loss)
+            flatten(self.model, out=delta)
+            delta.sub_(st.w)
+            tic2 = time.perf_counter()
+            self.timings["local"] += tic2 - tic
+            if isinstance(self.uplink, fedcomp.ErrorFeedback):
+                payload = self.uplink.compress(delta, key=f"client{c}")
+            else:
+                payload = self.uplink.compress(delta)
+            tic3 = time.perf_counter()
+            wire = payload.to_bytes()
+            payloads.append(fedcomp.Payload.from_bytes(wire))
+            tic4 = time.perf_counter()
+            self.timings["compress"] += tic3 - tic2
+            self.timings["wire"] += tic4 - tic3
+        tic = time.perf_counter()
+        update = fedcomp.aggregate(payloads)
+        if cfg.server_lr != 1.0:
+            update.mul_(cfg.server_lr)
+        st.w.add_(update)
+        st.u_prev = update
+        self.timings["aggregate"] += time.perf_counter() - tic
+        up = sum(p.nbytes for p in payloads)
+        st.trajectory.append(st.w.clone())
+        del st.trajectory[: -cfg.syn_window]
+        st.round = t + 1
+        if cfg.algorithm == "fedsynsam":
+            self._maybe_refresh()
+        tic = time.perf_counter()
+        record = {"round": t + 1}
+        if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds:
+            record["test_acc"], record["test_loss"] = self.evaluate()
+        else:
+            record["test_acc"] = record["test_loss"] = None
+        self.timings["eval"] += time.perf_counter() - tic
+        record.update(
+            train_loss=sum(losses) / len(losses),
+            uplink_bytes=up,
+            downlink_bytes=down,
+            seconds=time.perf_counter() - start,
+            perturbation=source,
+        )
+        return record
+
+    def _maybe_refresh(self) -> None:
+        cfg, st = self.cfg, self.state
+        if len(st.trajectory) < cfg.syn_min_models:
+            return
+        if st.synthetic is not None and st.round - st.last_refresh < cfg.syn_period:
+            return
+        tic = time.perf_counter()
+        st.synthetic, losses = distill(
+            self.model,
+            self.spec,
+            st.trajectory,
+            input_shape=self.data.input_shape,
+            num_classes=self.data.num_classes,
+            per_class=cfg.syn_per_class,
+            unroll=cfg.syn_unroll,
+            span=cfg.syn_span,
+            iters=cfg.syn_iters,
+            lr_images=cfg.syn_lr_images,
+            lr_labels=cfg.syn_lr_labels,
+            lr_step=cfg.syn_lr_step,
+            init_step=cfg.lr,
+            generator=_generator(cfg.seed, st.round, 2),
+            version=(st.synthetic.version + 1) if st.synthetic is not None else 1,
+            init=st.synthetic,
+        )
+        st.last_refresh = st.round
+        st.distill_losses.append((st.round, losses[0], losses[-1]))
+        self.timings["distill"] += time.perf_counter() - tic
+
+    # -- checkpoints -----------------------------------------------------------
+    def checkpoint(self) -> dict:
+        st = self.state
+        return {
+            "round": st.round,
+            "w": st.w,
+            "u_prev": st.u_prev,
+            "trajectory": st.trajectory,
+            "synthetic": None if st.synthetic is None else st.synthetic.state_dict(),
+            "last_refresh": st.last_refresh,
+            "client_syn_version": st.client_syn_version,
+            "uplink": self.uplink.state_dict(),
+            "distill_losses": st.distill_losses,
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_checkpoint(self, ckpt: dict) -> None:
+        if ckpt["config"] != self.cfg.to_dict():
+            diff = {k: (v, self.cfg.to_dict().get(k)) for k, v in ckpt["config"].items() if self.cfg.to_dict().get(k) != v}
+            diff.pop("rounds", None)
+            if diff:
+                raise ValueError(f"checkpoint was written with another config; differing settings (saved, now): {diff}")
+        st = self.state
+        st.round, st.w, st.u_prev = ckpt["round"], ckpt["w"].clone(), ckpt["u_prev"]
+        st.trajectory = [t.clone() for t in ckpt["trajectory"]]
+        st.synthetic = None if ckpt["synthetic"] is None else SyntheticSet.from_state_dict(ckpt["synthetic"])
+        st.last_refresh = ckpt["last_refresh"]
+        st.client_syn_version = dict(ckpt["client_syn_version"])
+        st.distill_losses = list(ckpt["distill_losses"])
+        self.uplink.load_state_dict(ckpt["uplink"])
+
+    def _save_checkpoint(self) -> None:
+        tmp = self.out / "checkpoint.pt.tmp"
+        torch.save(self.checkpoint(), tmp)
+        os.replace(tmp, self.out / "checkpoint.pt")
+
+    # -- the run ---------------------------------------------------------------
+    def run(self, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> list[dict]:
+        """Run to ``cfg.rounds`` (or stop after round ``stop_after``); returns every round's record.
+
+        Writes into the output folder: ``config.json``, ``partition.json``, ``metrics.jsonl``,
+        ``checkpoint.pt``, ``summary.json`` and the plots.
+        """
+        from tqdm.auto import tqdm
+
+        records: list[dict] = []
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            metrics = self.out / "metrics.jsonl"
+            if resume:
+                ckpt_path = self.out / "checkpoint.pt"
+                if not ckpt_path.is_file():
+                    raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+                self.load_checkpoint(torch.load(ckpt_path, weights_only=False))
+                if metrics.is_file():
+                    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+                records = [r for r in records if r["round"] <= self.state.round]
+            elif metrics.exists() or (self.out / "checkpoint.pt").exists():
+                raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or pick another --out")
+            (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+            (self.out / "partition.json").write_text(json.dumps({"clients": self.partition}) + "\n")
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+        last = self.cfg.rounds if stop_after is None else min(stop_after, self.cfg.rounds)
+        bar = tqdm(
+            total=self.cfg.rounds,
+            initial=self.state.round,
+            disable=not progress,
+            desc=f"{self.cfg.algorithm}/{self.cfg.compressor}",
+            unit="round",
+            leave=False,
+        )
+        while self.state.round < last:
+            rec = self.run_round()
+            records.append(rec)
+            if self.out is not None:
+                with (self.out / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if self.state.round % self.cfg.checkpoint_every == 0 or self.state.round == last:
+                    self._save_checkpoint()
+            bar.update(1)
+            if rec["test_acc"] is not None:
+                bar.set_postfix(acc=f"{rec['test_acc']:.3f}", up=f"{sum(r['uplink_bytes'] for r in records) / 1e6:.1f}MB")
+        bar.close()
+        if self.out is not None and self.state.round >= self.cfg.rounds:
+            self._finish(records)
+        return records
+
+    def _finish(self, records: list[dict]) -> None:
+        from .plots import plot_runs
+
+        evaluated = [r for r in records if r["test_acc"] is not None]
+        tail = evaluated[-5:]
+        summary = {
+            "final_test_acc": evaluated[-1]["test_acc"],
+            "final_test_loss": evaluated[-1]["test_loss"],
+            "mean_test_acc_last5": sum(r["test_acc"] for r in tail) / len(tail),
+            "best_test_acc": max(r["test_acc"] for r in evaluated),
+            "total_uplink_bytes": sum(r["uplink_bytes"] for r in records),
+            "total_downlink_bytes": sum(r["downlink_bytes"] for r in records),
+            "rounds": self.state.round,
+            "parameters": self.numel,
+            "seconds": sum(r["seconds"] for r in records),
+            "distillations": [list(x) for x in self.state.distill_losses],
+            "config": self.cfg.to_dict(),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        torch.save({"w": self.state.w, "spec_names": self.spec.names}, self.out / "final_model.pt")
+        plot_runs({f"{self.cfg.algorithm}/{self.cfg.compressor}": records}, self.out)
