@@ -98,7 +98,9 @@ def _compare(args) -> int:
     grid = {}
     if args.config:
         grid = {k: base.pop(k) for k in ("algorithms", "compressors", "seeds") if k in base}
-    algorithms = _csv_list(args.algorithms) if args.algorithms else grid.get("algorithms", ["fedavg", "fedlesam", "fedsynsam"])
+    algorithms = (
+        _csv_list(args.algorithms) if args.algorithms else grid.get("algorithms", ["fedavg", "fedlesam", "fedsynsam"])
+    )
     compressors = _csv_list(args.compressors) if args.compressors else grid.get("compressors", ["none", "topk"])
     if args.seeds:
         try:

@@ -47,7 +47,9 @@ def run_grid(base: dict, algorithms, compressors, seeds, out: Path, *, progress:
             saved = json.loads(summary.read_text())["config"]
             if saved != cfg.to_dict():
                 diff = sorted(k for k in saved if saved[k] != cfg.to_dict().get(k))
-                raise ValueError(f"{run_dir} holds a finished run with other settings ({', '.join(diff)}); use another --out")
+                raise ValueError(
+                    f"{run_dir} holds a finished run with other settings ({', '.join(diff)}); use another --out"
+                )
             continue
         resume = (run_dir / "checkpoint.pt").is_file()
         Trainer(cfg, run_dir, dataset=data).run(resume=resume, progress=progress)
@@ -60,7 +62,8 @@ def run_grid(base: dict, algorithms, compressors, seeds, out: Path, *, progress:
         writer.writerows(rows)
     _plot_grid(out, algorithms, compressors, seeds)
     print(table)
-    print(f"\nwritten: {out / 'results.md'}, {out / 'results.csv'}, {out / 'accuracy_vs_round.png'}, {out / 'accuracy_vs_bytes.png'}")
+    written = ("results.md", "results.csv", "accuracy_vs_round.png", "accuracy_vs_bytes.png")
+    print("\nwritten: " + ", ".join(str(out / name) for name in written))
     return rows
 
 

@@ -105,7 +105,9 @@ def read_idx(path: Path) -> np.ndarray:
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     count = int(np.prod(dims))
     if len(data) != 4 + 4 * ndim + count:
-        raise ValueError(f"{path}: idx header says {dims} = {count} bytes of data; file holds {len(data) - 4 - 4 * ndim}")
+        raise ValueError(
+            f"{path}: idx header says {dims} = {count} bytes of data; file holds {len(data) - 4 - 4 * ndim}"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -116,13 +118,12 @@ def _mnist_like(name: str, root: Path) -> Dataset:
         labels = read_idx(root / f"{prefix}-labels-idx1-ubyte")
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(
-                f"{root}: {prefix} images {images.shape} and labels {labels.shape} do not match (want [N, H, W] and [N])"
+                f"{root}: {prefix} images {images.shape} and labels {labels.shape} do not match "
+                "(want [N, H, W] and [N])"
             )
         arrays[split] = (images[:, None].astype(np.float64) / 255.0, labels.astype(np.int64))
     x_train, x_test = _standardise(arrays["train"][0], arrays["test"][0])
-    return Dataset(
-        name, x_train, torch.from_numpy(arrays["train"][1]), x_test, torch.from_numpy(arrays["test"][1]), 10
-    )
+    return Dataset(name, x_train, torch.from_numpy(arrays["train"][1]), x_test, torch.from_numpy(arrays["test"][1]), 10)
 
 
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -29,9 +29,7 @@ class MLP(nn.Module):
 
 
 def _conv_gn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(min(8, cout), cout), nn.ReLU()
-    )
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(min(8, cout), cout), nn.ReLU())
 
 
 class SmallCNN(nn.Module):
@@ -40,9 +38,7 @@ class SmallCNN(nn.Module):
     def __init__(self, input_shape, num_classes: int, width: int = 32):
         super().__init__()
         c = input_shape[0]
-        self.features = nn.Sequential(
-            _conv_gn(c, width), nn.MaxPool2d(2), _conv_gn(width, 2 * width), nn.MaxPool2d(2)
-        )
+        self.features = nn.Sequential(_conv_gn(c, width), nn.MaxPool2d(2), _conv_gn(width, 2 * width), nn.MaxPool2d(2))
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
 
     def forward(self, x):
@@ -74,7 +70,9 @@ class ResNet(nn.Module):
     def __init__(self, input_shape, num_classes: int, width: int = 16):
         super().__init__()
         self.stem = _conv_gn(input_shape[0], width)
-        self.stages = nn.Sequential(_Block(width, width, 1), _Block(width, 2 * width, 2), _Block(2 * width, 4 * width, 2))
+        self.stages = nn.Sequential(
+            _Block(width, width, 1), _Block(width, 2 * width, 2), _Block(2 * width, 4 * width, 2)
+        )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes))
 
     def forward(self, x):

@@ -42,7 +42,12 @@ class SyntheticSet:
         return 4 * (self.images.numel() + self.label_logits.numel() + 1)
 
     def state_dict(self) -> dict:
-        return {"images": self.images, "label_logits": self.label_logits, "log_lr": self.log_lr, "version": self.version}
+        return {
+            "images": self.images,
+            "label_logits": self.label_logits,
+            "log_lr": self.log_lr,
+            "version": self.version,
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> SyntheticSet:

@@ -279,7 +279,9 @@ class Trainer:
 
     def load_checkpoint(self, ckpt: dict) -> None:
         if ckpt["config"] != self.cfg.to_dict():
-            diff = {k: (v, self.cfg.to_dict().get(k)) for k, v in ckpt["config"].items() if self.cfg.to_dict().get(k) != v}
+            diff = {
+                k: (v, self.cfg.to_dict().get(k)) for k, v in ckpt["config"].items() if self.cfg.to_dict().get(k) != v
+            }
             diff.pop("rounds", None)
             if diff:
                 raise ValueError(f"checkpoint was written with another config; differing settings (saved, now): {diff}")
@@ -319,7 +321,9 @@ class Trainer:
                     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
                 records = [r for r in records if r["round"] <= self.state.round]
             elif metrics.exists() or (self.out / "checkpoint.pt").exists():
-                raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or pick another --out")
+                raise FileExistsError(
+                    f"{self.out} already holds a run; pass --resume to continue it or pick another --out"
+                )
             (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
             (self.out / "partition.json").write_text(json.dumps({"clients": self.partition}) + "\n")
             metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -342,7 +346,9 @@ class Trainer:
                     self._save_checkpoint()
             bar.update(1)
             if rec["test_acc"] is not None:
-                bar.set_postfix(acc=f"{rec['test_acc']:.3f}", up=f"{sum(r['uplink_bytes'] for r in records) / 1e6:.1f}MB")
+                bar.set_postfix(
+                    acc=f"{rec['test_acc']:.3f}", up=f"{sum(r['uplink_bytes'] for r in records) / 1e6:.1f}MB"
+                )
         bar.close()
         if self.out is not None and self.state.round >= self.cfg.rounds:
             self._finish(records)
