@@ -126,6 +126,6 @@ def distill(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     out = SyntheticSet(images.detach(), label_logits.detach(), log_lr.detach(), version)
     return out, losses

@@ -1,0 +1,139 @@
+"""Dataset loaders (built from tiny files in the standard formats) and partitions."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from fedsynsam.data import dirichlet_partition, load_dataset, shard_partition
+from fedsynsam.models import build_model
+
+
+def _idx(path, array: np.ndarray, gz: bool) -> None:
+    head = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = head + array.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+
+
+def _write_mnist(root, gz: bool, n_train=30, n_test=10) -> None:
+    rng = np.random.default_rng(0)
+    _idx(root / "train-images-idx3-ubyte", rng.integers(0, 256, (n_train, 28, 28)), gz)
+    _idx(root / "train-labels-idx1-ubyte", rng.integers(0, 10, n_train), gz)
+    _idx(root / "t10k-images-idx3-ubyte", rng.integers(0, 256, (n_test, 28, 28)), gz)
+    _idx(root / "t10k-labels-idx1-ubyte", rng.integers(0, 10, n_test), gz)
+
+
+def test_embedded_digits():
+    d = load_dataset("digits")
+    assert d.x_train.shape == (1438, 1, 8, 8) and d.x_test.shape == (359, 1, 8, 8)
+    assert d.x_train.dtype == torch.float32 and d.y_train.dtype == torch.int64
+    assert set(d.y_train.tolist()) == set(range(10)) and d.num_classes == 10
+    assert abs(float(d.x_train.mean())) < 1e-4  # standardised with the training statistics
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_mnist_idx_files(tmp_path, name, gz):
+    _write_mnist(tmp_path, gz)
+    d = load_dataset(name, tmp_path)
+    assert d.x_train.shape == (30, 1, 28, 28) and d.x_test.shape == (10, 1, 28, 28)
+    assert d.y_train.dtype == torch.int64
+
+
+def test_malformed_idx_files_name_the_file(tmp_path):
+    _write_mnist(tmp_path, gz=False)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
+        load_dataset("mnist", tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05abc")
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte: idx header says"):
+        load_dataset("mnist", tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"PK\x03\x04")
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte: not an idx file"):
+        load_dataset("mnist", tmp_path)
+    _idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(3), gz=False)  # 3 labels for 10 images
+    with pytest.raises(ValueError, match="do not match"):
+        load_dataset("mnist", tmp_path)
+
+
+def _write_cifar(root, n=8) -> None:
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, n).tolist()}
+        (root / name).write_bytes(pickle.dumps(batch))
+
+
+def test_cifar10_pickles(tmp_path):
+    sub = tmp_path / "cifar-10-batches-py"
+    sub.mkdir()
+    _write_cifar(sub)
+    d = load_dataset("cifar10", tmp_path)
+    assert d.x_train.shape == (40, 3, 32, 32) and d.x_test.shape == (8, 3, 32, 32)
+    (sub / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="data_batch_3: not a CIFAR-10 python batch"):
+        load_dataset("cifar10", tmp_path)
+    (sub / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]}))
+    with pytest.raises(ValueError, match=r"data_batch_3: data \(2, 10\)"):
+        load_dataset("cifar10", tmp_path)
+    _write_cifar(sub)
+    (sub / "test_batch").unlink()
+    with pytest.raises(FileNotFoundError, match="test_batch"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_unknown_dataset_and_missing_dir():
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'; choose one of digits, mnist, fashion-mnist, cifar10"):
+        load_dataset("svhn")
+    with pytest.raises(ValueError, match="pass --data-dir"):
+        load_dataset("mnist")
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.5, 100.0])
+def test_dirichlet_partition(alpha):
+    y = load_dataset("digits").y_train
+    parts = dirichlet_partition(y, 20, alpha, seed=3)
+    flat = sorted(i for p in parts for i in p)
+    assert flat == list(range(len(y)))  # disjoint and complete
+    assert min(len(p) for p in parts) >= 2
+    assert parts == dirichlet_partition(y, 20, alpha, seed=3)
+    classes_per_client = np.mean([len(set(y[p].tolist())) for p in parts])
+    if alpha == 0.05:
+        assert classes_per_client < 4  # strongly non-IID
+    if alpha == 100.0:
+        assert classes_per_client > 9
+
+
+def test_shard_partition():
+    y = load_dataset("digits").y_train
+    parts = shard_partition(y, 10, 2, seed=0)
+    assert sorted(i for p in parts for i in p) == list(range(len(y)))
+    assert max(len(set(y[p].tolist())) for p in parts) <= 4
+    with pytest.raises(ValueError, match="cannot fill"):
+        shard_partition(y[:5], 10, 2, seed=0)
+
+
+def test_partition_bad_input():
+    y = torch.arange(10) % 2
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        dirichlet_partition(y, 2, 0.0, 0)
+    with pytest.raises(ValueError, match="cannot give 20 clients 2 each"):
+        dirichlet_partition(y, 20, 1.0, 0)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet"])
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32)])
+def test_models_have_no_batchnorm(name, shape):
+    model = build_model(name, shape, 10)
+    assert model(torch.randn(2, *shape)).shape == (2, 10)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert not list(model.buffers())  # nothing that SAM's second pass or averaging could corrupt
+    with pytest.raises(ValueError, match="unknown model 'vgg'; choose one of mlp, cnn, resnet"):
+        build_model("vgg", shape, 10)
