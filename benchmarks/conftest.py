@@ -15,6 +15,17 @@ import pytest
 from fedcomp.bench import format_table
 
 _RESULTS: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+_TABLES: dict[str, tuple[list[str], list[list[object]]]] = {}
+
+
+@pytest.fixture
+def table():
+    """Call as table(title, header, row): appends a row to a table printed at the end of the run."""
+
+    def add(title: str, header: list[str], row: list[object]) -> None:
+        _TABLES.setdefault(title, (header, []))[1].append(row)
+
+    return add
 
 
 @pytest.fixture
@@ -31,6 +42,9 @@ def record(benchmark):
 
 
 def pytest_terminal_summary(terminalreporter):
+    for title, (header, rows) in _TABLES.items():
+        terminalreporter.write_sep("=", title)
+        terminalreporter.write_line(format_table(header, rows))
     if not _RESULTS:
         return
     adds = {n: times["add"] for (op, n), times in _RESULTS.items() if op == "add" and "add" in times}

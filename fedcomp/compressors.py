@@ -24,19 +24,9 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .wire import Payload, index_dtype_for, randk_indices, wire_nbytes
+from .wire import Payload, index_dtype_for, randk_indices, splitmix64, wire_nbytes
 
 __all__ = ["Compressor", "Identity", "TopK", "RandK", "Sign", "QSGD", "ErrorFeedback", "EF21"]
-
-_M64 = (1 << 64) - 1
-
-
-def _splitmix64(seed: int, counter: int) -> int:
-    """A 63-bit seed for call ``counter`` of a stream keyed by ``seed`` (SplitMix64 finaliser)."""
-    z = (seed * 0x9E3779B97F4A7C15 + (counter + 1) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return (z ^ (z >> 31)) >> 1
 
 
 def _flat_input(x) -> Tensor:
@@ -179,7 +169,7 @@ class _Seeded(Compressor):
         self.calls = 0
 
     def _next_seed(self) -> int:
-        s = _splitmix64(self.seed, self.calls)
+        s = splitmix64(self.seed, self.calls)
         self.calls += 1
         return s
 

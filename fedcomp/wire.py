@@ -51,6 +51,7 @@ import sys
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -92,11 +93,20 @@ def index_dtype_for(numel: int) -> torch.dtype:
 # --------------------------------------------------------------------------
 _M31 = (1 << 31) - 1
 _M62 = (1 << 62) - 1
+_M64 = (1 << 64) - 1
 
 
-def _round(r: Tensor, key: int, mask: int) -> Tensor:
-    # A mixing function on half-words (< 2**31); products stay below 2**62, so int64 never wraps.
-    h = ((r ^ key) & _M31) * 0x5BD1E995 & _M62
+def splitmix64(seed: int, counter: int) -> int:
+    """A 63-bit value for ``counter`` of a stream keyed by ``seed`` (SplitMix64 finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (counter + 1) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return (z ^ (z >> 31)) >> 1
+
+
+def _round(r: np.ndarray, key: int, mask: int) -> np.ndarray:
+    # A mixing function on half-words (< 2**31); products stay below 2**62 (no wrap-around).
+    h = ((r ^ np.int64(key & _M31)) & _M31) * 0x5BD1E995 & _M62
     h = h ^ (h >> 29)
     h = (h & _M31) * 0x2C1B3C6D & _M62
     return (h ^ (h >> 31)) & mask
@@ -105,10 +115,11 @@ def _round(r: Tensor, key: int, mask: int) -> Tensor:
 def randk_indices(seed: int, k: int, n: int, device: torch.device | str = "cpu") -> Tensor:
     """``k`` distinct positions in ``[0, n)``, sorted ascending, determined by ``seed`` alone.
 
-    The positions are ``pi(0), ..., pi(k-1)`` for a 4-round Feistel permutation ``pi``
-    of ``[0, 2**(2h))`` (``h`` = half the bits of ``n``, round keys from Philox(seed)),
-    restricted to ``[0, n)`` by cycle walking. Being a permutation, it never repeats a
-    position; sender and receiver compute the same positions on any device.
+    ``pi`` is a 4-round Feistel permutation of ``[0, 2**(2h))`` (``h`` = half the bits
+    of ``n``, round keys ``splitmix64(seed, r)``). The positions are the first ``k`` values of
+    ``pi(0), pi(1), ...`` that fall in ``[0, n)`` (at least a quarter of them do). Being
+    a permutation, it never repeats a position; sender and receiver compute the same
+    positions on any device, in one vectorised pass.
 
     Returns:
         ``[k]`` int64.
@@ -117,37 +128,40 @@ def randk_indices(seed: int, k: int, n: int, device: torch.device | str = "cpu")
         raise ValueError(f"k must be in [0, n={n}]; got {k}")
     if n >= 1 << 62:
         raise ValueError(f"n must be < 2**62; got {n}")
-    from .reference import _philox4x32_10
-
     half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
     mask = (1 << half) - 1
-    words = _philox4x32_10(seed, torch.zeros(1, dtype=torch.int64))
-    keys = [int(w) for w in words]
-
-    def permute(v: Tensor) -> Tensor:
+    keys = [splitmix64(seed, r) for r in range(4)]
+    domain = 1 << (2 * half)
+    found, start, need = [], 0, k
+    while need > 0:
+        # enough counters that, on average, 1.25 * need of them land in [0, n)
+        count = min(domain - start, int(need * domain / n * 1.25) + 64)
+        v = np.arange(start, start + count, dtype=np.int64)
         left, right = v >> half, v & mask
         for key in keys:
             left, right = right, left ^ _round(right, key, mask)
-        return (left << half) | right
-
-    out = permute(torch.arange(k, dtype=torch.int64, device=device))
-    outside = out >= n
-    while bool(outside.any()):  # each walk leaves [0, n) with probability < 3/4
-        out[outside] = permute(out[outside])
-        outside = out >= n
-    return out.sort().values
+        v = (left << half) | right
+        v = v[v < n][:need]
+        found.append(v)
+        need -= len(v)
+        start += count
+    out = np.sort(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+    return torch.from_numpy(out).to(device)
 
 
 # --------------------------------------------------------------------------
 # Payload
 # --------------------------------------------------------------------------
+_ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.int32: 4, torch.int64: 8}
+
+
 def _section_lengths(kind: str, dtype: torch.dtype, numel: int, params: dict) -> list[int]:
     """Byte length of each section, from the header fields alone."""
-    w = torch.empty((), dtype=dtype).element_size()
+    w = _ITEMSIZE[dtype]
     if kind == "identity":
         return [numel * w]
     if kind == "topk":
-        return [params["k"] * w, params["k"] * torch.empty((), dtype=index_dtype_for(numel)).element_size()]
+        return [params["k"] * w, params["k"] * _ITEMSIZE[index_dtype_for(numel)]]
     if kind == "randk":
         return [params["k"] * w]
     if kind == "sign":
@@ -237,7 +251,7 @@ class Payload:
     @property
     def dense_nbytes(self) -> int:
         """Bytes the uncompressed tensor would take (``numel * itemsize``)."""
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * _ITEMSIZE[self.dtype]
 
     # -- serialisation -------------------------------------------------------
     def _header(self) -> bytes:
