@@ -109,7 +109,7 @@ def _compare(args) -> int:
             raise SystemExit(f"--seeds must be comma-separated integers; got {args.seeds!r}") from None
     else:
         seeds = grid.get("seeds", [0])
-    run_grid(base, algorithms, compressors, seeds, Path(args.out), progress=not args.quiet)
+    run_grid(base, algorithms, compressors, seeds, Path(args.out), progress=not args.quiet, sharpness=args.sharpness)
     return 0
 
 
@@ -131,10 +131,44 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--algorithms", help="comma-separated, e.g. fedavg,fedlesam,fedsynsam")
     compare.add_argument("--compressors", help="comma-separated, e.g. none,topk,sign")
     compare.add_argument("--seeds", help="comma-separated integers, e.g. 0,1,2")
+    compare.add_argument("--sharpness", action="store_true", help="also measure λ_max, Hessian trace, valley width")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(compare, skip=("algorithm", "compressor", "seed"))
     compare.set_defaults(func=_compare)
+
+    sharp = sub.add_parser("sharpness", help="measure λ_max, Hessian trace, valley width and landscapes of runs")
+    sharp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run folders (written by train)")
+    sharp.add_argument("--samples", type=int, default=1024, help="training points in the evaluation subset")
+    sharp.add_argument("--max-iters", type=int, default=100, help="power-iteration cap")
+    sharp.add_argument("--tol", type=float, default=1e-3, help="relative tolerance of the power iteration")
+    sharp.add_argument("--trace-samples", type=int, default=50, help="Rademacher vectors for the trace")
+    sharp.set_defaults(func=_sharpness)
     return parser
+
+
+def _sharpness(args) -> int:
+    from .sharpness import measure_run
+
+    for name, value, lo in (
+        ("samples", args.samples, 1),
+        ("max-iters", args.max_iters, 1),
+        ("trace-samples", args.trace_samples, 1),
+    ):
+        if value < lo:
+            raise ValueError(f"--{name} must be >= {lo}; got {value}")
+    if not 0 < args.tol < 1:
+        raise ValueError(f"--tol must be in (0, 1); got {args.tol}")
+    for run in args.runs:
+        r = measure_run(
+            run, samples=args.samples, max_iters=args.max_iters, tol=args.tol, trace_samples=args.trace_samples
+        )
+        conv = "" if r["lambda_max_converged"] else " (not converged)"
+        print(
+            f"{run}: λ_max {r['lambda_max']:.4g}{conv} after {r['lambda_max_iterations']} iterations, "
+            f"trace {r['hessian_trace']:.4g} ± {r['hessian_trace_stderr']:.2g}, "
+            f"valley width {r['valley_width']:.3f} ± {r['valley_width_std']:.3f}"
+        )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

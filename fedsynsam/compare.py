@@ -27,8 +27,14 @@ def _configs(base: dict, algorithms, compressors, seeds) -> list[Config]:
     return cfgs
 
 
-def run_grid(base: dict, algorithms, compressors, seeds, out: Path, *, progress: bool = True) -> list[dict]:
-    """Run every (algorithm, compressor, seed) not yet finished in ``out``; write and print the results."""
+def run_grid(
+    base: dict, algorithms, compressors, seeds, out: Path, *, progress: bool = True, sharpness: bool = False
+) -> list[dict]:
+    """Run every (algorithm, compressor, seed) not yet finished in ``out``; write and print the results.
+
+    ``sharpness``: also measure every run not yet measured (:func:`fedsynsam.sharpness.measure_run`)
+    and add λ_max, the Hessian trace and the valley width to the table, with their plots.
+    """
     from tqdm.auto import tqdm
 
     from .trainer import Trainer
@@ -50,9 +56,13 @@ def run_grid(base: dict, algorithms, compressors, seeds, out: Path, *, progress:
                 raise ValueError(
                     f"{run_dir} holds a finished run with other settings ({', '.join(diff)}); use another --out"
                 )
-            continue
-        resume = (run_dir / "checkpoint.pt").is_file()
-        Trainer(cfg, run_dir, dataset=data).run(resume=resume, progress=progress)
+        else:
+            resume = (run_dir / "checkpoint.pt").is_file()
+            Trainer(cfg, run_dir, dataset=data).run(resume=resume, progress=progress)
+        if sharpness and "lambda_max" not in json.loads(summary.read_text()):
+            from .sharpness import measure_run
+
+            measure_run(run_dir, dataset=data)
     rows = collect(out, algorithms, compressors, seeds)
     table = format_results(rows, cfgs[0])
     (out / "results.md").write_text(table + "\n")
@@ -60,10 +70,9 @@ def run_grid(base: dict, algorithms, compressors, seeds, out: Path, *, progress:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    _plot_grid(out, algorithms, compressors, seeds)
+    written = ["results.md", "results.csv"] + _plot_grid(out, algorithms, compressors, seeds)
     print(table)
-    written = ("results.md", "results.csv", "accuracy_vs_round.png", "accuracy_vs_bytes.png")
-    print("\nwritten: " + ", ".join(str(out / name) for name in written))
+    print("\nwritten in " + str(out) + ": " + ", ".join(written))
     return rows
 
 
@@ -95,7 +104,7 @@ def collect(out: Path, algorithms, compressors, seeds) -> list[dict]:
                 "downlink_MB": statistics.fmean(x["total_downlink_bytes"] for x in summaries) / 1e6,
                 "seconds": statistics.fmean(x["seconds"] for x in summaries),
             }
-            for key in ("lambda_max", "hessian_trace"):
+            for key in ("lambda_max", "hessian_trace", "valley_width"):
                 vals = [x[key] for x in summaries if x.get(key) is not None]
                 if len(vals) == len(summaries):
                     row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(vals)
@@ -108,7 +117,7 @@ def format_results(rows: list[dict], cfg: Config) -> str:
     sharp = "lambda_max_mean" in rows[0]
     head = ["algorithm", "compressor", "final test acc", "last-5 mean acc", "uplink MB", "downlink MB", "s/run"]
     if sharp:
-        head += ["λ_max", "trace"]
+        head += ["λ_max", "Hessian trace", "valley width"]
     lines = [
         f"Dataset {cfg.dataset}, model {cfg.model}, {cfg.clients} clients ({cfg.per_round}/round), "
         f"Dirichlet α={cfg.alpha}, {cfg.rounds} rounds, K={cfg.local_steps}, lr={cfg.lr}, ρ={cfg.rho}, "
@@ -132,14 +141,20 @@ def format_results(rows: list[dict], cfg: Config) -> str:
             cells += [
                 f"{r['lambda_max_mean']:.3g} ± {r['lambda_max_std']:.2g}",
                 f"{r['hessian_trace_mean']:.3g} ± {r['hessian_trace_std']:.2g}",
+                f"{r['valley_width_mean']:.3f} ± {r['valley_width_std']:.3f}",
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _plot_grid(out: Path, algorithms, compressors, seeds) -> None:
-    """Accuracy curves averaged over seeds, one line per (algorithm, compressor)."""
-    runs = {}
+def _plot_grid(out: Path, algorithms, compressors, seeds) -> list[str]:
+    """Accuracy curves averaged over seeds, one line per (algorithm, compressor); with sharpness
+    measured, also λ_max bars and the first seed's 1-D landscapes. Returns the file names."""
+    import torch
+
+    from .plots import plot_bars, plot_landscape_1d
+
+    runs, eigen, curves = {}, {}, {}
     for a in algorithms:
         for c in compressors:
             per_seed = [_records(_run_dir(out, a, c, s)) for s in seeds]
@@ -154,4 +169,14 @@ def _plot_grid(out: Path, algorithms, compressors, seeds) -> None:
                     }
                 )
             runs[f"{a}/{c}"] = merged
-    plot_runs(runs, out)
+            summaries = [json.loads((_run_dir(out, a, c, s) / "summary.json").read_text()) for s in seeds]
+            if all("lambda_max" in x for x in summaries):
+                eigen[f"{a}/{c}"] = _mean_std([x["lambda_max"] for x in summaries])
+                land = torch.load(_run_dir(out, a, c, seeds[0]) / "landscape.pt", weights_only=True)
+                curves[f"{a}/{c}"] = (land["alphas"], land["loss_1d"])
+    names = [p.name for p in plot_runs(runs, out)]
+    if eigen and len(eigen) == len(runs):
+        plot_bars(eigen, out / "lambda_max.png", "top Hessian eigenvalue λ_max (mean ± std over seeds)")
+        plot_landscape_1d(curves, out / "landscape_1d.png")
+        names += ["lambda_max.png", "landscape_1d.png"]
+    return names

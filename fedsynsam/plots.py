@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_runs"]
+__all__ = ["plot_runs", "plot_landscape_1d", "plot_landscape_2d", "plot_bars"]
 
 
 def _pyplot():
@@ -50,3 +50,61 @@ def plot_runs(runs: dict[str, list[dict]], out_dir: str | Path, prefix: str = ""
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_landscape_1d(curves: dict, path: str | Path) -> Path:
+    """Loss along a filter-normalised direction, one curve per label: ``{label: (alphas, losses)}``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for label, (alphas, losses) in curves.items():
+        ax.plot(alphas.tolist(), losses.tolist(), label=label, linewidth=1.4)
+    ax.set_xlabel("step along a filter-normalised random direction")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_landscape_2d(alphas, grid, path: str | Path, title: str = "") -> Path:
+    """Contour plot of the loss over two filter-normalised directions."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.0, 4.4), dpi=120)
+    a = alphas.tolist()
+    levels = sorted(set(float(v) for v in _contour_levels(grid)))
+    cs = ax.contour(a, a, grid.T.tolist(), levels=levels if len(levels) > 1 else 10, cmap="viridis")
+    ax.clabel(cs, fontsize=6, fmt="%.2f")
+    ax.plot([0], [0], "r+", markersize=10)
+    ax.set_xlabel("direction 1")
+    ax.set_ylabel("direction 2")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _contour_levels(grid, count: int = 12):
+    """Contour levels spread over the loss values (so sharp and flat runs both show rings)."""
+    import torch
+
+    flat = grid.flatten().float()
+    return torch.quantile(flat, torch.linspace(0.02, 0.98, count)).tolist()
+
+
+def plot_bars(values: dict[str, tuple[float, float]], path: str | Path, ylabel: str) -> Path:
+    """Bar chart with error bars: ``{label: (mean, std)}``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.55 * len(values)), 4.2), dpi=120)
+    labels = list(values)
+    ax.bar(range(len(labels)), [values[k][0] for k in labels], yerr=[values[k][1] for k in labels], capsize=3)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
