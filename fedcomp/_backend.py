@@ -7,8 +7,15 @@
 * ``reference``: the pure-PyTorch reference everywhere (no build is attempted).
 * ``cpu``: the C++ kernels; if they cannot be built, every op raises
   :class:`BackendUnavailable` (never a silent fallback).
-* ``triton`` / ``cuda``: GPU backends, not part of this release; forcing one
-  raises :class:`BackendUnavailable`.
+* ``triton``: the Triton kernels (:mod:`fedcomp.triton_ops`). On CUDA tensors
+  they run on the GPU; on CPU tensors only under ``TRITON_INTERPRET=1`` (Triton's
+  interpreter, which is how this machine without a GPU tests them).
+* ``cuda``: the CUDA C++ kernels (``csrc/cuda``), for CUDA tensors; they are built
+  only when torch has CUDA.
+
+CUDA tensors under ``auto``: the CUDA extension if it builds, else Triton if it
+imports, else the reference (one warning). A forced backend that cannot serve
+raises :class:`BackendUnavailable`, never a silent fallback.
 
 Import never builds or fails; the first op call does the choosing.
 """
@@ -33,6 +40,17 @@ class BackendUnavailable(RuntimeError):
 _lock = threading.Lock()
 _cpu_backend: str | None = None  # "cpu" or "reference" once chosen
 _cpu_error: str | None = None  # why the C++ kernels are not in use
+_gpu_backend: str | None = None  # "cuda", "triton" or "reference" once chosen
+_gpu_error: str | None = None  # why the CUDA extension is not in use
+
+
+def _triton_unavailable(why_prefix: str) -> str | None:
+    """None if triton imports, else the reason."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return f"{why_prefix}: triton does not import ({type(exc).__name__}: {exc})"
+    return None
 
 
 def requested() -> str:
@@ -52,11 +70,26 @@ def cpu_backend() -> str:
         if _cpu_backend is not None:
             return _cpu_backend
         want = requested()
-        if want in ("triton", "cuda"):
+        if want == "cuda":
             raise BackendUnavailable(
-                f"{ENV_VAR}={want}: the {want} kernels are not part of this release; "
-                "use auto, cpu or reference"
+                f"{ENV_VAR}=cuda serves CUDA tensors only; CPU tensors need auto, cpu, reference, "
+                "or triton with TRITON_INTERPRET=1"
             )
+        if want == "triton":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                raise BackendUnavailable(
+                    f"{ENV_VAR}=triton on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1"
+                )
+            why = _triton_unavailable(f"{ENV_VAR}=triton")
+            if why:
+                raise BackendUnavailable(why)
+            from . import triton_ops
+
+            triton_ops.register("CPU")
+            _cpu_error = "not loaded (FEDCOMP_BACKEND=triton: Triton interpreter on CPU tensors)"
+            _cpu_backend = "triton"
+            log.info("fedcomp: CPU tensors use the Triton kernels under TRITON_INTERPRET=1")
+            return _cpu_backend
         if want == "reference":
             _cpu_error = f"not loaded ({ENV_VAR}=reference)"
             chosen = "reference"
@@ -87,19 +120,71 @@ def cpu_backend() -> str:
         return chosen
 
 
+def gpu_backend() -> str:
+    """Choose (once) and return the backend that serves CUDA tensors: 'cuda', 'triton' or 'reference'."""
+    global _gpu_backend, _gpu_error
+    if _gpu_backend is not None:
+        return _gpu_backend
+    with _lock:
+        if _gpu_backend is not None:
+            return _gpu_backend
+        want = requested()
+        if want == "cpu":
+            raise BackendUnavailable(f"{ENV_VAR}=cpu serves CPU tensors only; CUDA tensors need auto, cuda or triton")
+        from . import cuda_ops
+
+        chosen = "reference"
+        if want in ("auto", "cuda"):
+            try:
+                from . import build
+
+                build.load_cuda_extension()
+                cuda_ops.register()
+                chosen = "cuda"
+            except Exception as exc:
+                _gpu_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                if want == "cuda":
+                    raise BackendUnavailable(
+                        f"{ENV_VAR}=cuda but the CUDA kernels are unavailable: {_gpu_error}"
+                    ) from exc
+        if chosen in ("reference", "cuda") and want in ("auto", "triton", "cuda"):
+            why = _triton_unavailable(f"{ENV_VAR}={want}")
+            if why is None:
+                from . import triton_ops
+
+                # with the CUDA extension loaded, Triton serves only the ops it does not implement
+                triton_ops.register("CUDA", skip=cuda_ops.IMPLEMENTED if chosen == "cuda" else ())
+                chosen = "cuda" if chosen == "cuda" else "triton"
+            elif want == "triton":
+                raise BackendUnavailable(why)
+            elif chosen == "reference":
+                warnings.warn(
+                    f"fedcomp: no GPU kernels ({_gpu_error}; {why}); CUDA tensors use the reference",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        _gpu_backend = chosen
+        log.info("fedcomp: CUDA tensors use the %s backend", chosen)
+        return chosen
+
+
 def backend_for(device_type: str) -> str:
     """Backend that serves tensors on ``device_type``."""
     if device_type == "cpu":
         return cpu_backend()
+    if device_type == "cuda":
+        return gpu_backend()
     want = requested()
-    if want in ("cpu", "triton", "cuda"):
-        raise BackendUnavailable(
-            f"{ENV_VAR}={want} cannot serve {device_type} tensors in this release; "
-            "GPU kernels are not built yet, unset it to use the reference"
-        )
+    if want != "auto" and want != "reference":
+        raise BackendUnavailable(f"{ENV_VAR}={want} cannot serve {device_type} tensors; unset it to use the reference")
     return "reference"
 
 
 def cpu_error() -> str | None:
     """Why the C++ kernels are not in use (None when they are, or before the choice)."""
     return _cpu_error
+
+
+def gpu_error() -> str | None:
+    """Why the CUDA kernels are not in use on CUDA tensors (None when they are, or before the choice)."""
+    return _gpu_error

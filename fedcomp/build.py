@@ -38,8 +38,7 @@ def csrc_dir() -> Path:
         if (candidate / CPU_SOURCES[0]).is_file():
             return candidate
     raise FileNotFoundError(
-        f"fedcomp: kernel sources not found in {here / '_csrc'} or {here.parent / 'csrc'}; "
-        "reinstall fedcomp"
+        f"fedcomp: kernel sources not found in {here / '_csrc'} or {here.parent / 'csrc'}; reinstall fedcomp"
     )
 
 
@@ -113,6 +112,40 @@ def load_cpu_extension(verbose: bool = False) -> Path:
     if fresh:
         print(f"fedcomp: built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return library_path()
+
+
+CUDA_SOURCES = ("cuda/fedcomp_cuda.cu", "cuda/fedcomp_cuda_torch.cu")
+CUDA_HEADERS = ("cuda/fedcomp_cuda.cuh",)
+NVCC_FLAGS = ("-O3", "-std=c++17", "-fmad=false")  # no FMA contraction: the reference's fp32 ops, one at a time
+
+
+def load_cuda_extension(verbose: bool = False) -> None:
+    """Compile (if needed) and load the CUDA kernels (``fedcomp_cuda::*`` ops).
+
+    Raises RuntimeError when torch has no CUDA (the CPU wheel): the torch binding needs
+    torch's CUDA headers, so only the framework-free ``.cu`` file can be compiled then
+    (``python -m fedcomp.env --compile-gpu`` does that).
+    """
+    if torch.version.cuda is None:
+        raise RuntimeError(f"torch {torch.__version__} has no CUDA: the CUDA kernels are not built")
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device is visible: the CUDA kernels are not loaded")
+    from torch.utils import cpp_extension
+
+    root = csrc_dir()
+    digest = hashlib.sha256()
+    for rel in CUDA_SOURCES + CUDA_HEADERS + HEADERS:
+        digest.update((root / rel).read_bytes())
+    target = cache_root() / f"{build_dir().name}-cuda{torch.version.cuda}-{digest.hexdigest()[:12]}"
+    target.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=f"fedcomp_cuda_{digest.hexdigest()[:12]}",
+        sources=[str(root / rel) for rel in CUDA_SOURCES],
+        extra_cuda_cflags=list(NVCC_FLAGS),
+        build_directory=str(target),
+        is_python_module=False,
+        verbose=verbose,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

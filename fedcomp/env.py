@@ -36,8 +36,11 @@ def report(load: bool = True) -> list[tuple[str, str]]:
     """Rows of (item, finding). With ``load``, choose the CPU backend (building if needed)."""
     rows = [
         ("python", f"{platform.python_version()} ({sys.executable})"),
-        ("torch", f"{torch.__version__} (CUDA build: {torch.version.cuda or 'no'}, "
-                  f"GPU visible: {torch.cuda.is_available()}, threads: {torch.get_num_threads()})"),
+        (
+            "torch",
+            f"{torch.__version__} (CUDA build: {torch.version.cuda or 'no'}, "
+            f"GPU visible: {torch.cuda.is_available()}, threads: {torch.get_num_threads()})",
+        ),
         ("c++ compiler", _version([build.compiler() or "c++", "--version"]).split(" (")[0]),
         ("ninja", _version(["ninja", "--version"])),
         ("nvcc", _version(["nvcc", "--version"])),
@@ -55,7 +58,13 @@ def report(load: bool = True) -> list[tuple[str, str]]:
         rows.append(("CPU tensors use", chosen))
         if _backend.cpu_error():
             rows.append(("C++ kernels not in use because", _backend.cpu_error()))
-    rows.append(("CUDA tensors use", "reference (GPU kernels are not part of this release)"))
+    if torch.cuda.is_available() and load:
+        try:
+            rows.append(("CUDA tensors use", _backend.gpu_backend()))
+        except _backend.BackendUnavailable as exc:
+            rows.append(("CUDA tensors use", f"unavailable: {exc}"))
+    else:
+        rows.append(("CUDA tensors use", "no GPU visible (Triton and CUDA kernels are checked with --compile-gpu)"))
     return rows
 
 
@@ -66,7 +75,7 @@ def _triton() -> str:
     try:
         import triton
 
-        return f"{triton.__version__} (present; Triton kernels are not part of this release)"
+        return f"{triton.__version__}"
     except Exception as exc:  # a broken triton install must not break the report
         return f"installed but fails to import: {exc}"
 
@@ -74,12 +83,52 @@ def _triton() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedcomp.env", description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-build", action="store_true", help="report only; do not build or load the kernels")
+    parser.add_argument(
+        "--compile-gpu",
+        action="store_true",
+        help="compile every Triton kernel and CUDA file for sm_80 and sm_90 (no GPU needed) and tabulate "
+        "registers and spills; exits 1 if any compile fails",
+    )
     args = parser.parse_args(argv)
+    if args.compile_gpu:
+        return _compile_gpu()
     rows = report(load=not args.no_build)
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _compile_gpu() -> int:
+    from . import gpu_compile
+    from .bench import format_table
+
+    rows, problems = [], []
+    for kind, run in (("triton", gpu_compile.compile_triton), ("cuda", gpu_compile.compile_cuda)):
+        try:
+            rows += run()
+        except Exception as exc:  # tool missing: say so in the table, keep going
+            problems.append(f"{kind}: not compiled: {type(exc).__name__}: {exc}")
+    table = [
+        [
+            r.kind,
+            r.kernel,
+            r.target,
+            "-" if r.registers is None else r.registers,
+            "-" if r.spills is None else r.spills,
+            r.status,
+        ]
+        for r in rows
+    ]
+    print(format_table(["kind", "kernel", "target", "registers", "spill/local bytes", "status"], table))
+    failed = [r for r in rows if r.status != "ok"]
+    print(
+        f"\n{len(rows) - len(failed)} of {len(rows)} compiled; "
+        f"{sum(1 for r in rows if r.spills)} with spills or local memory"
+    )
+    for p in problems:
+        print(p)
+    return 1 if failed or problems else 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The Triton kernels run on CPU tensors through Triton's interpreter (tests/test_triton.py).
+# It must be chosen before anything imports fedcomp.triton_ops; the ahead-of-time compile
+# check runs in a subprocess without it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
 
 from fedcomp import _backend
 

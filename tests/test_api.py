@@ -155,10 +155,23 @@ def test_unknown_backend_name_lists_the_choices():
     assert "FEDCOMP_BACKEND must be one of auto, reference, cpu, triton, cuda" in out.stderr
 
 
-@pytest.mark.parametrize("name", ["triton", "cuda"])
-def test_forcing_an_absent_gpu_backend_raises(name):
-    out = _run(SNIPPET, FEDCOMP_BACKEND=name)
-    assert out.returncode != 0 and "BackendUnavailable" in out.stderr
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"FEDCOMP_BACKEND": "triton", "TRITON_INTERPRET": "0"}, "needs Triton's interpreter: set TRITON_INTERPRET=1"),
+        ({"FEDCOMP_BACKEND": "cuda"}, "FEDCOMP_BACKEND=cuda serves CUDA tensors only"),
+    ],
+)
+def test_forcing_a_gpu_backend_on_cpu_tensors_raises(env, message):
+    out = _run(SNIPPET, **env)
+    assert out.returncode != 0 and "BackendUnavailable" in out.stderr and message in out.stderr
+
+
+def test_forced_triton_backend_serves_cpu_tensors_under_the_interpreter():
+    pytest.importorskip("triton")
+    out = _run(SNIPPET, FEDCOMP_BACKEND="triton", TRITON_INTERPRET="1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["triton", "[0,", "1,", "9]"]
 
 
 def test_failed_build_forced_cpu_raises_and_auto_falls_back_with_one_warning(tmp_path):

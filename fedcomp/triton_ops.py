@@ -1,0 +1,797 @@
+"""Triton kernels for every fedcomp op.
+
+They serve CUDA tensors on a GPU, and, with ``TRITON_INTERPRET=1`` and
+``FEDCOMP_BACKEND=triton``, CPU tensors through Triton's interpreter, so the same
+exactness tests as the C++ kernels run on a machine without a GPU. Every kernel is
+compiled with floating-point contraction off (``enable_fp_fusion=False``) so it
+performs the reference's fp32 operations one at a time.
+
+Naming: ``_<name>_kernel`` is a ``@triton.jit`` kernel, ``<op>_triton`` its host
+wrapper (arguments already validated by :mod:`fedcomp.ops`). ``LAUNCH_CONFIGS`` lists
+every kernel with the constexpr values the wrappers launch it with; the AOT compile
+check (:mod:`fedcomp.gpu_compile`) compiles exactly those.
+
+Global-memory traffic per element (fp32 input, ``B/elem``) is stated next to each
+kernel. ``n`` = entries, ``w`` = code bits.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")  # every launch passes enable_fp_fusion=False anyway
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from .reference import qsgd_bits  # noqa: E402
+
+__all__ = [
+    "topk_ef_triton",
+    "topk_threshold_ef_triton",
+    "sign_ef_triton",
+    "sign_decode_triton",
+    "sign_majority_triton",
+    "qsgd_triton",
+    "qsgd_decode_triton",
+    "sparse_accumulate_triton",
+    "LAUNCH_CONFIGS",
+]
+
+TILE = 1024  # entries per program of the elementwise kernels (a multiple of 32)
+FUSED_MAX_BLOCK = 4096  # sign blocks up to this size (and a multiple of 8) take the one-pass kernel
+FUSED_WARPS = 8  # 16 entries per thread at the largest block: no local memory on sm_80 / sm_90
+HIST_BITS = (11, 10, 10)  # radix digits of the 31-bit magnitude key, most significant first
+SCAN_CHUNK = 1024
+_OPTS = {"enable_fp_fusion": False}
+
+
+def _grid(n: int, tile: int = TILE) -> tuple[int]:
+    return (max(1, triton.cdiv(n, tile)),)
+
+
+# --------------------------------------------------------------------------
+# shared device helpers
+# --------------------------------------------------------------------------
+@triton.jit
+def _abs_key(a):
+    """IEEE bits of |a| (fp32) as int32: orders like |a|, NaN above +Inf (fedcomp_math.h abs_key)."""
+    return a.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _to_storage(v, dtype: tl.constexpr):
+    """fp32 -> storage dtype, rounding to nearest even. For bf16 the rounding is done on the bits
+    first (Triton's interpreter truncates fp32 -> bf16), so the final cast is exact everywhere."""
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.int32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        v = tl.where(v != v, v, rounded.to(tl.float32, bitcast=True))
+    return v.to(dtype)
+
+
+@triton.jit
+def _load_a(x_ptr, r_ptr, offs, mask, HAS_R: tl.constexpr):
+    """a = x + residual in fp32 (x alone without a residual)."""
+    a = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_R:
+        a = a + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return a
+
+
+# --------------------------------------------------------------------------
+# block statistics (sign scales, QSGD norms)
+# --------------------------------------------------------------------------
+@triton.jit
+def _block_stat_kernel(x_ptr, r_ptr, out_ptr, n, block, HAS_R: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr):
+    """One program per block: MODE 0 mean|a|, 1 sqrt(mean a^2), 2 sqrt(sum a^2); fp64 accumulation.
+
+    Traffic: reads x and residual once (8 B/elem), writes 4 B per block.
+    """
+    b = tl.program_id(0)
+    start = b.to(tl.int64) * block
+    count = tl.minimum(block, n - start)
+    acc = tl.zeros([CHUNK], dtype=tl.float64)
+    for off in range(0, count, CHUNK):
+        offs = start + off + tl.arange(0, CHUNK)
+        mask = (off + tl.arange(0, CHUNK)) < count
+        a = _load_a(x_ptr, r_ptr, offs, mask, HAS_R)
+        if MODE == 0:
+            acc += tl.abs(a).to(tl.float64)
+        else:
+            ad = a.to(tl.float64)
+            acc += ad * ad
+    total = tl.sum(acc, axis=0)
+    if MODE == 0:
+        stat = total / count.to(tl.float64)
+    elif MODE == 1:
+        stat = tl.sqrt(total / count.to(tl.float64))
+    else:
+        stat = tl.sqrt(total)
+    tl.store(out_ptr + b, stat.to(tl.float32))
+
+
+# --------------------------------------------------------------------------
+# sign
+# --------------------------------------------------------------------------
+@triton.jit
+def _pack8(bits, NB: tl.constexpr):
+    """[NB*8] 0/1 int32 -> [NB] uint8, bit j of byte i = bits[8i + j]."""
+    weights = 1 << tl.arange(0, 8)
+    return tl.sum(tl.reshape(bits, [NB, 8]) * weights[None, :], axis=1).to(tl.uint8)
+
+
+@triton.jit
+def _sign_codes_kernel(x_ptr, r_ptr, scales_ptr, packed_ptr, n, block, HAS_R: tl.constexpr, T: tl.constexpr):
+    """Bits and residual once the block scales are known (second pass of the two-pass path).
+
+    Traffic: reads x, residual (8 B/elem) and scales (cached), writes residual (4) and 1/8:
+    12.125 B/elem; with :func:`_block_stat_kernel` first, 20.125 B/elem in all.
+    """
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * T + tl.arange(0, T)
+    mask = offs < n
+    a = _load_a(x_ptr, r_ptr, offs, mask, HAS_R)
+    pos = a >= 0
+    if HAS_R:
+        scale = tl.load(scales_ptr + offs // block, mask=mask, other=0.0)
+        sgn = tl.where(pos, 1.0, -1.0)
+        tl.store(r_ptr + offs, _to_storage(a - scale * sgn, r_ptr.dtype.element_ty), mask=mask)
+    bits = (pos & mask).to(tl.int32)
+    byte_offs = pid.to(tl.int64) * (T // 8) + tl.arange(0, T // 8)
+    tl.store(packed_ptr + byte_offs, _pack8(bits, T // 8), mask=byte_offs < (n + 7) // 8)
+
+
+@triton.jit
+def _sign_ef_fused_kernel(
+    x_ptr, r_ptr, scales_ptr, packed_ptr, n, block, HAS_R: tl.constexpr, L2: tl.constexpr, BLOCK: tl.constexpr
+):
+    """One program per block (``block % 8 == 0``, ``block <= BLOCK``): scale, bits, residual in one read.
+
+    Traffic: reads x and residual (8 B/elem), writes residual (4 B) and the bits (1/8 B):
+    12.125 B/elem, the minimum for the math (each input read once, each output written once).
+    """
+    b = tl.program_id(0)
+    start = b.to(tl.int64) * block
+    idx = tl.arange(0, BLOCK)
+    count = tl.minimum(block, n - start)
+    mask = idx < count
+    a = _load_a(x_ptr, r_ptr, start + idx, mask, HAS_R)
+    if L2:
+        ad = a.to(tl.float64)
+        scale = tl.sqrt(tl.sum(ad * ad, axis=0) / count.to(tl.float64)).to(tl.float32)
+    else:
+        scale = (tl.sum(tl.abs(a).to(tl.float64), axis=0) / count.to(tl.float64)).to(tl.float32)
+    tl.store(scales_ptr + b, scale)
+    pos = a >= 0
+    if HAS_R:
+        sgn = tl.where(pos, 1.0, -1.0)
+        tl.store(r_ptr + start + idx, _to_storage(a - scale * sgn, r_ptr.dtype.element_ty), mask=mask)
+    bits = (pos & mask).to(tl.int32)
+    byte_offs = start // 8 + tl.arange(0, BLOCK // 8)
+    tl.store(packed_ptr + byte_offs, _pack8(bits, BLOCK // 8), mask=tl.arange(0, BLOCK // 8) < (count + 7) // 8)
+
+
+def sign_ef_triton(x: Tensor, residual: Tensor | None, block: int, l2: bool):
+    n = x.numel()
+    nblocks = triton.cdiv(n, block)
+    packed = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(nblocks, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return packed, scales
+    r = residual if residual is not None else x
+    has_r = residual is not None
+    if block % 8 == 0 and block <= FUSED_MAX_BLOCK:
+        fused = max(8, triton.next_power_of_2(block))
+        _sign_ef_fused_kernel[(nblocks,)](
+            x, r, scales, packed, n, block, HAS_R=has_r, L2=l2, BLOCK=fused, num_warps=FUSED_WARPS, **_OPTS
+        )
+    else:
+        _block_stat_kernel[(nblocks,)](x, r, scales, n, block, HAS_R=has_r, MODE=1 if l2 else 0, CHUNK=TILE, **_OPTS)
+        _sign_codes_kernel[_grid(n)](x, r, scales, packed, n, block, HAS_R=has_r, T=TILE, **_OPTS)
+    return packed, scales
+
+
+@triton.jit
+def _sign_decode_kernel(packed_ptr, scales_ptr, out_ptr, n, block, T: tl.constexpr):
+    """out = scale_b * (+1 | -1). Traffic: reads 1/8 B, writes 4 B per element (4.125 B/elem, minimal)."""
+    offs = tl.program_id(0).to(tl.int64) * T + tl.arange(0, T)
+    mask = offs < n
+    byte = tl.load(packed_ptr + offs // 8, mask=mask, other=0).to(tl.int32)
+    bit = (byte >> (offs % 8).to(tl.int32)) & 1
+    scale = tl.load(scales_ptr + offs // block, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, tl.where(bit == 1, 1.0, -1.0) * scale, mask=mask)
+
+
+def sign_decode_triton(packed: Tensor, scales: Tensor, numel: int, block: int) -> Tensor:
+    out = torch.empty(numel, dtype=torch.float32, device=packed.device)
+    if numel:
+        _sign_decode_kernel[_grid(numel)](packed, scales, out, numel, block, T=TILE, **_OPTS)
+    return out
+
+
+@triton.jit
+def _sign_majority_kernel(stack_ptr, out_ptr, m, nbytes, NB: tl.constexpr):
+    """Per bit, 1 iff at least half of the m rows have it. Traffic: reads m bytes, writes 1 per 8 bits."""
+    pid = tl.program_id(0)
+    byte_offs = pid.to(tl.int64) * NB + tl.arange(0, NB)
+    mask = byte_offs < nbytes
+    shifts = tl.arange(0, 8)
+    ones = tl.zeros([NB, 8], dtype=tl.int32)
+    for row in range(0, m):
+        byte = tl.load(stack_ptr + row * nbytes + byte_offs, mask=mask, other=0).to(tl.int32)
+        ones += (byte[:, None] >> shifts[None, :]) & 1
+    bits = (2 * ones >= m).to(tl.int32)
+    tl.store(out_ptr + byte_offs, tl.sum(bits * (1 << shifts)[None, :], axis=1).to(tl.uint8), mask=mask)
+
+
+def sign_majority_triton(packed_stack: Tensor) -> Tensor:
+    m, nbytes = packed_stack.shape
+    out = torch.empty(nbytes, dtype=torch.uint8, device=packed_stack.device)
+    if nbytes:
+        _sign_majority_kernel[_grid(nbytes, TILE // 8)](packed_stack, out, m, nbytes, NB=TILE // 8, **_OPTS)
+    return out
+
+
+# --------------------------------------------------------------------------
+# QSGD
+# --------------------------------------------------------------------------
+@triton.jit
+def _qsgd_kernel(
+    x_ptr, r_ptr, norms_ptr, words_ptr, n, bucket, seed, levels, W: tl.constexpr, HAS_R: tl.constexpr, T: tl.constexpr
+):
+    """Codes L + sign(a) * min(L, floor(L|a|/norm + u)) with u from Philox(seed, i // 4) word i % 4,
+    OR-ed into 32-bit words of the little-endian code stream (fields never overlap, so the result
+    does not depend on the order of the atomics), and the residual a - (code - L) * norm / L.
+
+    Traffic: reads x, residual (8 B) and norms (cached), writes residual (4 B) and w/8 B:
+    12 + w/8 B/elem; with :func:`_block_stat_kernel` first, 20 + w/8 B/elem.
+    """
+    offs = tl.program_id(0).to(tl.int64) * T + tl.arange(0, T)
+    mask = offs < n
+    a = _load_a(x_ptr, r_ptr, offs, mask, HAS_R)
+    norm = tl.load(norms_ptr + offs // bucket, mask=mask, other=1.0)
+    ctr = (offs // 4).to(tl.uint64)
+    zero = tl.zeros([T], dtype=tl.uint32)
+    c0, c1, c2, c3 = tl.philox(seed, (ctr & 0xFFFFFFFF).to(tl.uint32), (ctr >> 32).to(tl.uint32), zero, zero)
+    lane = offs % 4
+    word = tl.where(lane == 0, c0, tl.where(lane == 1, c1, tl.where(lane == 2, c2, c3)))
+    u = (word >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    lv = levels.to(tl.float32)
+    t = lv * tl.abs(a)
+    t = t / norm
+    t = t + u
+    finite = (t == t) & (tl.abs(t) < float("inf"))
+    q = tl.where(finite, tl.floor(t), 0.0)
+    q = tl.minimum(q, lv).to(tl.int32)
+    code = tl.where(a < 0, levels - q, levels + q)
+    if HAS_R:
+        value = (code - levels).to(tl.float32) * norm
+        value = value / lv
+        tl.store(r_ptr + offs, _to_storage(a - value, r_ptr.dtype.element_ty), mask=mask)
+    bitpos = offs * W
+    word_idx = bitpos // 32
+    shift = (bitpos % 32).to(tl.uint64)
+    field = code.to(tl.uint64) << shift
+    lo = (field & 0xFFFFFFFF).to(tl.uint32).to(tl.int32, bitcast=True)
+    hi = (field >> 32).to(tl.uint32).to(tl.int32, bitcast=True)
+    tl.atomic_or(words_ptr + word_idx, lo, mask=mask & (lo != 0))
+    tl.atomic_or(words_ptr + word_idx + 1, hi, mask=mask & (hi != 0))
+
+
+def qsgd_triton(x: Tensor, residual: Tensor | None, levels: int, bucket: int, seed: int):
+    n = x.numel()
+    width = qsgd_bits(levels)
+    nbytes = (n * width + 7) // 8
+    norms = torch.empty(triton.cdiv(n, bucket), dtype=torch.float32, device=x.device)
+    words = torch.zeros(triton.cdiv(nbytes, 4) + 1, dtype=torch.int32, device=x.device)
+    if n:
+        r = residual if residual is not None else x
+        has_r = residual is not None
+        _block_stat_kernel[(norms.numel(),)](x, r, norms, n, bucket, HAS_R=has_r, MODE=2, CHUNK=TILE, **_OPTS)
+        _qsgd_kernel[_grid(n)](x, r, norms, words, n, bucket, seed, levels, W=width, HAS_R=has_r, T=TILE, **_OPTS)
+    return words.view(torch.uint8)[:nbytes].clone(), norms
+
+
+@triton.jit
+def _qsgd_decode_kernel(packed_ptr, norms_ptr, out_ptr, n, nbytes, bucket, levels, W: tl.constexpr, T: tl.constexpr):
+    """(code - L) * norm / L. Traffic: reads w/8 B (from up to 3 bytes per code, cached), writes 4 B."""
+    offs = tl.program_id(0).to(tl.int64) * T + tl.arange(0, T)
+    mask = offs < n
+    bitpos = offs * W
+    first = bitpos // 8
+    raw = tl.zeros([T], dtype=tl.int32)
+    for j in tl.static_range(3):
+        byte = tl.load(packed_ptr + first + j, mask=mask & (first + j < nbytes), other=0).to(tl.int32)
+        raw = raw | (byte << (8 * j))
+    code = (raw >> (bitpos % 8).to(tl.int32)) & ((1 << W) - 1)
+    norm = tl.load(norms_ptr + offs // bucket, mask=mask, other=0.0)
+    value = (code - levels).to(tl.float32) * norm
+    tl.store(out_ptr + offs, value / levels.to(tl.float32), mask=mask)
+
+
+def qsgd_decode_triton(packed: Tensor, norms: Tensor, numel: int, levels: int, bucket: int) -> Tensor:
+    out = torch.empty(numel, dtype=torch.float32, device=packed.device)
+    if numel:
+        _qsgd_decode_kernel[_grid(numel)](
+            packed, norms, out, numel, packed.numel(), bucket, levels, W=qsgd_bits(levels), T=TILE, **_OPTS
+        )
+    return out
+
+
+# --------------------------------------------------------------------------
+# sparse accumulation
+# --------------------------------------------------------------------------
+@triton.jit
+def _sparse_accumulate_kernel(out_ptr, idx_ptr, val_ptr, m, alpha, T: tl.constexpr):
+    """out[idx] += alpha * v with fp32 atomics. Traffic: reads idx + v, one atomic RMW of 4 B per entry.
+
+    Exact (equal to the reference) when the indices are distinct, as in one top-k payload; with
+    duplicates, fp32 addition order follows the atomics' order on a GPU.
+    """
+    offs = tl.program_id(0).to(tl.int64) * T + tl.arange(0, T)
+    mask = offs < m
+    idx = tl.load(idx_ptr + offs, mask=mask, other=0)
+    v = tl.load(val_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.atomic_add(out_ptr + idx, v * alpha, mask=mask)
+
+
+def sparse_accumulate_triton(out: Tensor, indices: Tensor, values: Tensor, alpha: float) -> None:
+    m = indices.numel()
+    if m == 0:
+        return
+    lo, hi = int(indices.min()), int(indices.max())  # one host sync, as in the reference
+    if lo < 0 or hi >= out.numel():
+        raise IndexError(f"sparse_accumulate: indices must lie in [0, {out.numel()}), got min {lo}, max {hi}")
+    alpha32 = float(torch.tensor(alpha, dtype=torch.float32))
+    _sparse_accumulate_kernel[_grid(m)](out, indices, values, m, alpha32, T=TILE, **_OPTS)
+
+
+# --------------------------------------------------------------------------
+# top-k: radix select over the 31-bit magnitude key, then an index-ordered compaction
+# --------------------------------------------------------------------------
+@triton.jit
+def _topk_keys_kernel(x_ptr, r_ptr, keys_ptr, n, HAS_R: tl.constexpr, T: tl.constexpr):
+    """a = round_dtype(x + r); residual <- a; keys <- abs_key(a).
+
+    Traffic: reads x, r (8 B), writes r (4 B) and the key (4 B): 16 B/elem.
+    """
+    offs = tl.program_id(0).to(tl.int64) * T + tl.arange(0, T)
+    mask = offs < n
+    a = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if HAS_R:
+        a = _to_storage(a.to(tl.float32) + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32),
+                        x_ptr.dtype.element_ty)
+        tl.store(r_ptr + offs, a, mask=mask)
+    tl.store(keys_ptr + offs, _abs_key(a.to(tl.float32)), mask=mask)
+
+
+@triton.jit
+def _gather_keys_kernel(keys_ptr, sample_ptr, n, s, seed, T: tl.constexpr):
+    """sample[j] = keys[(word1 << 32 | word0) mod n], words of Philox(seed, j). Traffic: 8 B per sample."""
+    offs = tl.program_id(0).to(tl.int64) * T + tl.arange(0, T)
+    mask = offs < s
+    ctr = offs.to(tl.uint64)
+    zero = tl.zeros([T], dtype=tl.uint32)
+    c0, c1, _, _ = tl.philox(seed, (ctr & 0xFFFFFFFF).to(tl.uint32), (ctr >> 32).to(tl.uint32), zero, zero)
+    pos = ((c1.to(tl.uint64) << 32) | c0.to(tl.uint64)) % n.to(tl.uint64)
+    tl.store(sample_ptr + offs, tl.load(keys_ptr + pos.to(tl.int64), mask=mask, other=0), mask=mask)
+
+
+@triton.jit
+def _histogram_kernel(
+    keys_ptr, n, state_ptr, hist_ptr, SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr, BINS: tl.constexpr, T: tl.constexpr
+):
+    """hist[(key >> SHIFT) % BINS] += 1 over the keys whose bits above SHIFT+log2(BINS) equal the
+    prefix found so far (state[1]). Traffic: reads 4 B/elem; BINS atomics per program."""
+    offs = tl.program_id(0).to(tl.int64) * T + tl.arange(0, T)
+    key = tl.load(keys_ptr + offs, mask=offs < n, other=0)
+    prefix = tl.load(state_ptr + 1)
+    if SHIFT + DIGIT_BITS >= 31:
+        live = offs < n
+    else:
+        live = (offs < n) & ((key >> (SHIFT + DIGIT_BITS)) == prefix)
+    digit = (key >> SHIFT) & (BINS - 1)
+    counts = tl.histogram(tl.where(live, digit, 0), BINS)
+    # subtract the masked-out lanes counted in bin 0
+    dead = tl.sum((~live).to(tl.int32), axis=0)
+    counts = counts - tl.where(tl.arange(0, BINS) == 0, dead, 0)
+    tl.atomic_add(hist_ptr + tl.arange(0, BINS), counts, mask=counts != 0)
+
+
+@triton.jit
+def _select_kernel(state_ptr, hist_ptr, DIGIT_BITS: tl.constexpr, BINS: tl.constexpr):
+    """One program: with r = state[0] entries still to take from the top, find the digit b whose bin
+    holds the r-th largest: state[1] <- prefix * BINS + b, state[0] <- r - (count above b)."""
+    rem = tl.load(state_ptr + 0)
+    prefix = tl.load(state_ptr + 1)
+    hist = tl.load(hist_ptr + tl.arange(0, BINS))
+    total = tl.sum(hist, axis=0)
+    suffix_ge = total - tl.cumsum(hist, axis=0) + hist  # entries in bins >= b
+    b = tl.sum((suffix_ge >= rem).to(tl.int32), axis=0) - 1
+    above = tl.sum(tl.where(tl.arange(0, BINS) > b, hist, 0), axis=0)
+    tl.store(state_ptr + 1, (prefix << DIGIT_BITS) | b)
+    tl.store(state_ptr + 0, rem - above)
+
+
+@triton.jit
+def _threshold(state_ptr, AT_LEAST: tl.constexpr):
+    """(thresh, take_eq) from the select state: top-k takes key > t and the first state[0] ties at t;
+    the sampled threshold takes key >= t, i.e. key > t - 1 with no ties."""
+    if AT_LEAST:
+        return tl.load(state_ptr + 1) - 1, 0
+    return tl.load(state_ptr + 1), tl.load(state_ptr + 0)
+
+
+@triton.jit
+def _count_kernel(keys_ptr, n, state_ptr, counts_ptr, ntiles, AT_LEAST: tl.constexpr, T: tl.constexpr):
+    """Per tile: entries with key > thresh, and with key == thresh. Traffic: reads 4 B/elem."""
+    pid = tl.program_id(0)
+    thresh, _ = _threshold(state_ptr, AT_LEAST)
+    offs = pid.to(tl.int64) * T + tl.arange(0, T)
+    key = tl.load(keys_ptr + offs, mask=offs < n, other=-1)
+    tl.store(counts_ptr + pid, tl.sum((key > thresh).to(tl.int32), axis=0))
+    tl.store(counts_ptr + ntiles + pid, tl.sum((key == thresh).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _scan_kernel(
+    counts_ptr, offsets_ptr, ntiles, state_ptr, cap, total_ptr, AT_LEAST: tl.constexpr, CHUNK: tl.constexpr
+):
+    """One program: exclusive scans over tiles of 'greater' and 'equal' counts; a tile's output
+    offset is greater_before + min(equal_before, take_eq). Writes the picked total (<= cap)."""
+    _, take_eq = _threshold(state_ptr, AT_LEAST)
+    carry_g = 0
+    carry_e = 0
+    for start in range(0, ntiles, CHUNK):
+        idx = start + tl.arange(0, CHUNK)
+        mask = idx < ntiles
+        g = tl.load(counts_ptr + idx, mask=mask, other=0)
+        e = tl.load(counts_ptr + ntiles + idx, mask=mask, other=0)
+        eg = tl.cumsum(g, axis=0) - g + carry_g
+        ee = tl.cumsum(e, axis=0) - e + carry_e
+        tl.store(offsets_ptr + idx, eg + tl.minimum(ee, take_eq), mask=mask)
+        tl.store(offsets_ptr + ntiles + idx, ee, mask=mask)
+        carry_g += tl.sum(g, axis=0)
+        carry_e += tl.sum(e, axis=0)
+    tl.store(total_ptr, tl.minimum(carry_g + tl.minimum(carry_e, take_eq), cap).to(tl.int64))
+
+
+@triton.jit
+def _compact_kernel(
+    keys_ptr,
+    a_ptr,
+    r_ptr,
+    n,
+    state_ptr,
+    cap,
+    offsets_ptr,
+    ntiles,
+    val_ptr,
+    idx_ptr,
+    HAS_R: tl.constexpr,
+    AT_LEAST: tl.constexpr,
+    T: tl.constexpr,
+):
+    """Write the picked entries in index order: key > thresh, or key == thresh among the first
+    take_eq such entries, while fewer than cap are written; zero them in the residual.
+
+    Traffic: reads the key (4 B), writes the residual's picked entries; reads a and writes
+    value + index only for picked entries (negligible at k << n).
+    """
+    pid = tl.program_id(0)
+    thresh, take_eq = _threshold(state_ptr, AT_LEAST)
+    offs = pid.to(tl.int64) * T + tl.arange(0, T)
+    mask = offs < n
+    key = tl.load(keys_ptr + offs, mask=mask, other=-1)
+    eq = key == thresh
+    eq_rank = tl.load(offsets_ptr + ntiles + pid) + tl.cumsum(eq.to(tl.int32), axis=0) - 1
+    cand = mask & ((key > thresh) | (eq & (eq_rank < take_eq)))
+    pos = tl.load(offsets_ptr + pid) + tl.cumsum(cand.to(tl.int32), axis=0) - 1
+    pick = cand & (pos < cap)
+    a = tl.load(a_ptr + offs, mask=pick, other=0.0)
+    tl.store(val_ptr + pos, a, mask=pick)
+    tl.store(idx_ptr + pos, offs.to(idx_ptr.dtype.element_ty), mask=pick)
+    if HAS_R:
+        tl.store(r_ptr + offs, tl.zeros_like(a), mask=pick)
+
+
+def _radix_select(keys: Tensor, k: int) -> Tensor:
+    """state[1] <- the k-th largest key of ``keys`` (1 <= k <= len), state[0] <- how many entries
+    equal to it are among the top k. All on the device: no host synchronisation."""
+    n = keys.numel()
+    state = torch.tensor([k, 0], dtype=torch.int32, device=keys.device)
+    shift = 31
+    for bits in HIST_BITS:
+        shift -= bits
+        hist = torch.zeros(1 << bits, dtype=torch.int32, device=keys.device)
+        _histogram_kernel[_grid(n)](keys, n, state, hist, SHIFT=shift, DIGIT_BITS=bits, BINS=1 << bits, T=TILE, **_OPTS)
+        _select_kernel[(1,)](state, hist, DIGIT_BITS=bits, BINS=1 << bits, **_OPTS)
+    return state
+
+
+def _compact(keys, a, residual, state, at_least: bool, cap, values, indices) -> Tensor:
+    """count -> scan -> compact, reading the threshold from ``state`` on the device (no host sync)."""
+    n = keys.numel()
+    ntiles = _grid(n)[0]
+    counts = torch.empty(2 * ntiles, dtype=torch.int32, device=keys.device)
+    offsets = torch.empty(2 * ntiles, dtype=torch.int32, device=keys.device)
+    total = torch.empty((), dtype=torch.int64, device=keys.device)
+    _count_kernel[(ntiles,)](keys, n, state, counts, ntiles, AT_LEAST=at_least, T=TILE, **_OPTS)
+    _scan_kernel[(1,)](counts, offsets, ntiles, state, cap, total, AT_LEAST=at_least, CHUNK=SCAN_CHUNK, **_OPTS)
+    r = residual if residual is not None else a
+    _compact_kernel[(ntiles,)](
+        keys,
+        a,
+        r,
+        n,
+        state,
+        cap,
+        offsets,
+        ntiles,
+        values,
+        indices,
+        HAS_R=residual is not None,
+        AT_LEAST=at_least,
+        T=TILE,
+        **_OPTS,
+    )
+    return total
+
+
+def _keys(x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    n = x.numel()
+    keys = torch.empty(n, dtype=torch.int32, device=x.device)
+    r = residual if residual is not None else x
+    _topk_keys_kernel[_grid(n)](x, r, keys, n, HAS_R=residual is not None, T=TILE, **_OPTS)
+    return keys, (residual if residual is not None else x)
+
+
+def topk_ef_triton(x: Tensor, residual: Tensor | None, k: int, index_dtype: torch.dtype):
+    """Exact top-k: keys (16 B/elem), three radix histograms (4 B/elem each), count (4 B/elem) and
+    compaction (4 B/elem + the k picks): about 36 B/elem for fp32. The minimum for the math is
+    12 B/elem (read x and r, write r); the extra passes re-read the 4-byte keys, trading traffic
+    for a host-synchronisation-free, deterministic selection."""
+    n = x.numel()
+    values = torch.empty(k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(k, dtype=index_dtype, device=x.device)
+    if n == 0:
+        return values, indices
+    keys, a = _keys(x, residual)
+    if k == 0:
+        return values, indices
+    state = _radix_select(keys, k)
+    _compact(keys, a, residual, state, False, k, values, indices)
+    return values, indices
+
+
+def topk_threshold_ef_triton(x: Tensor, residual: Tensor | None, k: int, capacity: int, sample_size: int, seed: int):
+    """Sampled threshold: gather ``sample_size`` keys at Philox positions, radix-select the
+    ``ceil(k * s / n)``-th largest on the device, then one index-ordered compaction of
+    ``key >= t`` capped at ``capacity``. The count stays on the device."""
+    n = x.numel()
+    values = torch.zeros(capacity, dtype=x.dtype, device=x.device)
+    indices = torch.zeros(capacity, dtype=torch.int64, device=x.device)
+    count = torch.zeros((), dtype=torch.int64, device=x.device)
+    if n == 0:
+        return values, indices, count
+    keys, a = _keys(x, residual)
+    if k == 0:
+        return values, indices, count
+    sample = torch.empty(sample_size, dtype=torch.int32, device=x.device)
+    _gather_keys_kernel[_grid(sample_size)](keys, sample, n, sample_size, seed, T=TILE, **_OPTS)
+    state = _radix_select(sample, -(-k * sample_size // n))
+    count = _compact(keys, a, residual, state, True, capacity, values, indices)
+    return values, indices, count
+
+
+# --------------------------------------------------------------------------
+# registration
+# --------------------------------------------------------------------------
+_registered: dict[str, torch.library.Library] = {}
+
+
+def register(dispatch_key: str, skip: tuple[str, ...] = ()) -> None:
+    """Serve the fedcomp ops (except ``skip``) on ``dispatch_key`` ("CUDA", or "CPU" under
+    TRITON_INTERPRET=1) with these kernels."""
+    if dispatch_key in _registered:
+        return
+    from ._library import SCHEMAS
+
+    lib = torch.library.Library("fedcomp", "IMPL")
+    for name in SCHEMAS:
+        if name not in skip:
+            lib.impl(name, globals()[f"{name}_triton"], dispatch_key)
+    _registered[dispatch_key] = lib
+
+
+# --------------------------------------------------------------------------
+# the configurations the wrappers launch (what the AOT compile check compiles)
+# --------------------------------------------------------------------------
+def _configs() -> list[tuple[str, object, dict, dict, dict]]:
+    """(name, kernel, signature, constexprs, options) for every launch configuration used above."""
+    f32, i32, i64 = "*fp32", "i32", "i64"
+    out = []
+    for has_r in (False, True):
+        for mode in (0, 1, 2):
+            out.append(
+                (
+                    f"block_stat[mode={mode},has_r={int(has_r)}]",
+                    _block_stat_kernel,
+                    {"x_ptr": f32, "r_ptr": f32, "out_ptr": f32, "n": i64, "block": i64},
+                    {"HAS_R": has_r, "MODE": mode, "CHUNK": TILE},
+                )
+            )
+        out.append(
+            (
+                f"sign_codes[has_r={int(has_r)}]",
+                _sign_codes_kernel,
+                {"x_ptr": f32, "r_ptr": f32, "scales_ptr": f32, "packed_ptr": "*u8", "n": i64, "block": i64},
+                {"HAS_R": has_r, "T": TILE},
+            )
+        )
+        for l2 in (False, True):
+            out.append(
+                (
+                    f"sign_ef_fused[l2={int(l2)},has_r={int(has_r)},BLOCK=4096]",
+                    _sign_ef_fused_kernel,
+                    {"x_ptr": f32, "r_ptr": f32, "scales_ptr": f32, "packed_ptr": "*u8", "n": i64, "block": i64},
+                    {"HAS_R": has_r, "L2": l2, "BLOCK": FUSED_MAX_BLOCK},
+                    {"num_warps": FUSED_WARPS},
+                )
+            )
+        for w in (2, 4, 16):
+            out.append(
+                (
+                    f"qsgd[w={w},has_r={int(has_r)}]",
+                    _qsgd_kernel,
+                    {
+                        "x_ptr": f32,
+                        "r_ptr": f32,
+                        "norms_ptr": f32,
+                        "words_ptr": "*i32",
+                        "n": i64,
+                        "bucket": i64,
+                        "seed": "u64",
+                        "levels": i32,
+                    },
+                    {"W": w, "HAS_R": has_r, "T": TILE},
+                )
+            )
+        out.append(
+            (
+                f"topk_keys[has_r={int(has_r)}]",
+                _topk_keys_kernel,
+                {"x_ptr": f32, "r_ptr": f32, "keys_ptr": "*i32", "n": i64},
+                {"HAS_R": has_r, "T": TILE},
+            )
+        )
+        for at_least in (False, True):
+            out.append(
+                (
+                    f"compact[has_r={int(has_r)},at_least={int(at_least)}]",
+                    _compact_kernel,
+                    {
+                        "keys_ptr": "*i32",
+                        "a_ptr": f32,
+                        "r_ptr": f32,
+                        "n": i64,
+                        "state_ptr": "*i32",
+                        "cap": i64,
+                        "offsets_ptr": "*i32",
+                        "ntiles": i64,
+                        "val_ptr": f32,
+                        "idx_ptr": "*i64",
+                    },
+                    {"HAS_R": has_r, "AT_LEAST": at_least, "T": TILE},
+                )
+            )
+    out.append(
+        (
+            "sign_decode",
+            _sign_decode_kernel,
+            {"packed_ptr": "*u8", "scales_ptr": f32, "out_ptr": f32, "n": i64, "block": i64},
+            {"T": TILE},
+        )
+    )
+    out.append(
+        (
+            "sign_majority",
+            _sign_majority_kernel,
+            {"stack_ptr": "*u8", "out_ptr": "*u8", "m": i64, "nbytes": i64},
+            {"NB": TILE // 8},
+        )
+    )
+    for w in (2, 4, 16):
+        out.append(
+            (
+                f"qsgd_decode[w={w}]",
+                _qsgd_decode_kernel,
+                {
+                    "packed_ptr": "*u8",
+                    "norms_ptr": f32,
+                    "out_ptr": f32,
+                    "n": i64,
+                    "nbytes": i64,
+                    "bucket": i64,
+                    "levels": i32,
+                },
+                {"W": w, "T": TILE},
+            )
+        )
+    out.append(
+        (
+            "sparse_accumulate",
+            _sparse_accumulate_kernel,
+            {"out_ptr": f32, "idx_ptr": "*i64", "val_ptr": f32, "m": i64, "alpha": "fp32"},
+            {"T": TILE},
+        )
+    )
+    out.append(
+        (
+            "gather_keys",
+            _gather_keys_kernel,
+            {"keys_ptr": "*i32", "sample_ptr": "*i32", "n": i64, "s": i64, "seed": "u64"},
+            {"T": TILE},
+        )
+    )
+    shift = 31
+    for bits in HIST_BITS:
+        shift -= bits
+        out.append(
+            (
+                f"histogram[shift={shift},bins={1 << bits}]",
+                _histogram_kernel,
+                {"keys_ptr": "*i32", "n": i64, "state_ptr": "*i32", "hist_ptr": "*i32"},
+                {"SHIFT": shift, "DIGIT_BITS": bits, "BINS": 1 << bits, "T": TILE},
+            )
+        )
+        out.append(
+            (
+                f"select[bins={1 << bits}]",
+                _select_kernel,
+                {"state_ptr": "*i32", "hist_ptr": "*i32"},
+                {"DIGIT_BITS": bits, "BINS": 1 << bits},
+            )
+        )
+    for at_least in (False, True):
+        out.append(
+            (
+                f"count[at_least={int(at_least)}]",
+                _count_kernel,
+                {"keys_ptr": "*i32", "n": i64, "state_ptr": "*i32", "counts_ptr": "*i32", "ntiles": i64},
+                {"AT_LEAST": at_least, "T": TILE},
+            )
+        )
+        out.append(
+            (
+                f"scan[at_least={int(at_least)}]",
+                _scan_kernel,
+                {
+                    "counts_ptr": "*i32",
+                    "offsets_ptr": "*i32",
+                    "ntiles": i64,
+                    "state_ptr": "*i32",
+                    "cap": i64,
+                    "total_ptr": "*i64",
+                },
+                {"AT_LEAST": at_least, "CHUNK": SCAN_CHUNK},
+            )
+        )
+    return [entry if len(entry) == 5 else (*entry, {}) for entry in out]
+
+
+LAUNCH_CONFIGS = _configs()
+HOT_KERNELS = (
+    "sign_ef_fused",
+    "sign_codes",
+    "qsgd[",
+    "topk_keys",
+    "histogram",
+    "compact",
+    "sign_decode",
+    "qsgd_decode",
+    "sparse_accumulate",
+)

@@ -1,0 +1,137 @@
+"""Triton kernels under TRITON_INTERPRET=1 (set in conftest) against the reference, with the
+exactness rules of the CPU tests: indices, values, packed bits, top-k residuals and decodes to
+the bit; QSGD codes to the bit; block scales, norms and quantizer residuals within fp32 rounding."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from _support import DTYPES, assert_same, make_input
+
+from fedcomp import reference
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it
+    pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1", allow_module_level=True)
+from fedcomp import triton_ops as T  # noqa: E402
+
+SIZES = [1, 7, 8, 9, 1023, 4099]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+def test_topk_ef(n, dtype):
+    x, r = make_input(n, dtype, seed=n)
+    for k in sorted({0, 1, n // 3, n}):
+        for with_r in (False, True):
+            r1, r2 = (r.clone(), r.clone()) if with_r else (None, None)
+            v1, i1 = T.topk_ef_triton(x, r1, k, torch.int32)
+            v2, i2 = reference.topk_ef(x, r2, k, torch.int32)
+            assert_same(i1, i2, f"indices n={n} k={k}")
+            assert_same(v1, v2, f"values n={n} k={k}")
+            if with_r:
+                assert_same(r1, r2, f"residual n={n} k={k}")
+
+
+@pytest.mark.parametrize("pattern", ["all-equal", "planted-ties", "nan-inf"])
+def test_topk_ef_ties_and_non_finite(pattern):
+    n = 3001
+    x = torch.ones(n)
+    if pattern == "planted-ties":
+        x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+        x[::5] = 2.5
+        x[1::5] = -2.5
+    if pattern == "nan-inf":
+        x = torch.randn(n, generator=torch.Generator().manual_seed(1))
+        x[[3, 100, 2000]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    for k in (1, 400, 1000):
+        r1, r2 = torch.zeros(n), torch.zeros(n)
+        v1, i1 = T.topk_ef_triton(x, r1, k, torch.int64)
+        v2, i2 = reference.topk_ef(x, r2, k)
+        assert_same(i1, i2, f"{pattern} indices k={k}")
+        assert_same(v1, v2, f"{pattern} values k={k}")
+        assert_same(r1, r2, f"{pattern} residual k={k}")
+
+
+@pytest.mark.parametrize("n", [1, 1023, 4099])
+def test_topk_threshold_ef(n):
+    x, r = make_input(n, torch.float32, seed=3)
+    for k, capacity, sample, seed in ((max(1, n // 10), max(1, n // 5), 256, 9), (n // 2, n // 4, 1000, 1)):
+        r1, r2 = r.clone(), r.clone()
+        got = T.topk_threshold_ef_triton(x, r1, k, capacity, sample, seed)
+        want = reference.topk_threshold_ef(x, r2, k, capacity, sample, seed)
+        for a, b, what in zip(got, want, ("values", "indices", "count")):
+            assert_same(a, b, f"threshold {what} n={n}")
+        assert_same(r1, r2, "threshold residual")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("block, l2", [(None, False), (8, True), (7, False), (64, False), (1000, True)])
+def test_sign_ef_and_decode(n, dtype, block, l2):
+    """block 8/64: the one-pass kernel; None/7/1000: block statistics, then codes."""
+    block = n if block is None else block
+    x, r = make_input(n, dtype, seed=n + 1)
+    r1, r2 = r.clone(), r.clone()
+    p1, s1 = T.sign_ef_triton(x, r1, block, l2)
+    p2, s2 = reference.sign_ef(x, r2, block, l2)
+    assert_same(p1, p2, "packed bits")
+    torch.testing.assert_close(s1, s2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(r1.float(), r2.float(), rtol=1e-5, atol=1e-6)
+    assert_same(T.sign_decode_triton(p2, s2, n, block), reference.sign_decode(p2, s2, n, block), "decode")
+    p3, _ = T.sign_ef_triton(x, None, block, l2)
+    assert_same(p3, reference.sign_ef(x, None, block, l2)[0], "bits without residual")
+
+
+@pytest.mark.parametrize("m", [1, 2, 5])
+@pytest.mark.parametrize("nbytes", [1, 130, 1000])
+def test_sign_majority(m, nbytes):
+    stack = torch.randint(0, 256, (m, nbytes), dtype=torch.uint8, generator=torch.Generator().manual_seed(m))
+    assert_same(T.sign_majority_triton(stack), reference.sign_majority(stack), "majority")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("levels, bucket", [(1, 64), (4, 512), (7, 7), (300, 100), (32768, 1000)])
+def test_qsgd_and_decode(n, dtype, levels, bucket):
+    x, r = make_input(n, dtype, seed=n + 2)
+    r1, r2 = r.clone(), r.clone()
+    p1, s1 = T.qsgd_triton(x, r1, levels, bucket, 12345)
+    p2, s2 = reference.qsgd(x, r2, levels, bucket, 12345)
+    torch.testing.assert_close(s1, s2, rtol=1e-6, atol=0)
+    # codes to the bit given the same norms (the reference's norms here)
+    a = x.float() + r.float()
+    codes = reference.qsgd_codes(a, s1, levels, bucket, 12345)
+    assert_same(p1, reference.pack_codes(codes, reference.qsgd_bits(levels)), "packed codes")
+    torch.testing.assert_close(r1.float(), r2.float(), rtol=1e-5, atol=1e-6)
+    assert_same(
+        T.qsgd_decode_triton(p2, s2, n, levels, bucket), reference.qsgd_decode(p2, s2, n, levels, bucket), "decode"
+    )
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_accumulate_distinct_indices(dtype, index_dtype):
+    n = 5000
+    out = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:1234].to(index_dtype)
+    vals = torch.randn(1234, generator=torch.Generator().manual_seed(2)).to(dtype)
+    o1, o2 = out.clone(), out.clone()
+    T.sparse_accumulate_triton(o1, idx, vals, 0.37)
+    reference.sparse_accumulate(o2, idx, vals, 0.37)
+    assert_same(o1, o2, "out")
+    with pytest.raises(IndexError, match=r"indices must lie in \[0, 5000\)"):
+        T.sparse_accumulate_triton(o1, torch.tensor([0, 5000]), torch.ones(2), 1.0)
+
+
+def test_empty_inputs():
+    x = torch.zeros(0)
+    v, i = T.topk_ef_triton(x, torch.zeros(0), 0, torch.int64)
+    assert v.numel() == 0 and i.numel() == 0
+    p, s = T.sign_ef_triton(x, None, 1, False)
+    assert p.numel() == 0 and s.numel() == 0
+    p, s = T.qsgd_triton(x, None, 4, 512, 0)
+    assert p.numel() == 0 and s.numel() == 0
+    assert T.sign_decode_triton(p, s, 0, 1).numel() == 0
