@@ -176,7 +176,7 @@ def _plot_grid(out: Path, algorithms, compressors, seeds) -> list[str]:
                 curves[f"{a}/{c}"] = (land["alphas"], land["loss_1d"])
     names = [p.name for p in plot_runs(runs, out)]
     if eigen and len(eigen) == len(runs):
-        plot_bars(eigen, out / "lambda_max.png", "top Hessian eigenvalue λ_max (mean ± std over seeds)")
+        plot_bars(eigen, out / "lambda_max.png", "λ_max (mean ± std over seeds)")
         plot_landscape_1d(curves, out / "landscape_1d.png")
         names += ["lambda_max.png", "landscape_1d.png"]
     return names
