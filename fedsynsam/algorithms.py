@@ -13,6 +13,7 @@ mofedsam    as fedsam                                :class:`BatchGradient`
 fedlesam    ``-rho * u^{t-1} / ||u^{t-1}||``         :class:`FixedDirection`
 fedsynsam   ``rho * g_syn / ||g_syn||``              :class:`SyntheticGradient` (client mode)
                                                      or :class:`FixedDirection` (server mode)
+dppf        0 (local SGD; pull-push after a round)   :class:`NoPerturbation`, :func:`pull_push`
 ==========  =======================================  ==============================
 
 ``||.||`` is always the global L2 norm over all parameters (not a per-tensor norm).
@@ -37,9 +38,10 @@ __all__ = [
     "scale_to_radius",
     "soft_cross_entropy",
     "local_train",
+    "pull_push",
 ]
 
-ALGORITHMS = ("fedavg", "fedsam", "mofedsam", "fedlesam", "fedsynsam")
+ALGORITHMS = ("fedavg", "fedsam", "mofedsam", "fedlesam", "fedsynsam", "dppf")
 
 
 def global_norm(tensors) -> float:
@@ -159,3 +161,19 @@ def local_train(
                 p.sub_(d, alpha=lr)
         total += float(loss.detach())
     return total / max(steps, 1)
+
+
+def pull_push(x: Tensor, mean: Tensor, alpha: float, lam: float) -> Tensor:
+    """DPPF's step for one worker: ``x - alpha (x - mean) + lam (x - mean) / ||x - mean||``.
+
+    The pull (``alpha``) draws the worker toward the consensus, the push (``lam``) keeps it a
+    fixed distance away: along a direction with no gradient, ``d <- (1 - alpha) d + lam``
+    settles at ``d = lam / alpha``, so the workers span a valley of that width. Returns a new
+    flat tensor; a worker exactly at the mean is only pulled (the push has no direction).
+    """
+    diff = x - mean
+    norm = float(diff.norm())
+    out = x - alpha * diff
+    if norm > 0.0 and math.isfinite(norm):
+        out = out + (lam / norm) * diff
+    return out

@@ -18,7 +18,7 @@ else:  # pragma: no cover
 
 __all__ = ["Config", "COMPRESSORS", "PARTITIONS", "PERTURBATION_MODES", "load_toml"]
 
-COMPRESSORS = ("none", "topk", "randk", "sign", "qsgd")
+COMPRESSORS = ("none", "topk", "randk", "sign", "qsgd", "3sfc", "fedsynth")
 PARTITIONS = ("dirichlet", "shards")
 PERTURBATION_MODES = ("client", "server")
 
@@ -62,6 +62,16 @@ class Config:
     syn_lr_images: float = 0.05
     syn_lr_labels: float = 0.05
     syn_lr_step: float = 0.01
+    sfc_samples: int = 1  # 3SFC: synthetic samples M
+    sfc_iters: int = 30  # 3SFC: Adam iterations of the encoder
+    sfc_lr: float = 0.1
+    sfc_double_way: bool = False  # 3SFC: the server also compresses the aggregate it broadcasts
+    fedsynth_batches: int = 1  # FedSynth: replayed batches B
+    fedsynth_batch_size: int = 1
+    fedsynth_iters: int = 30
+    fedsynth_lr: float = 0.1
+    dppf_alpha: float = 0.1  # DPPF pull
+    dppf_lambda: float = 0.01  # DPPF push; the workers settle about lambda/alpha from the mean
     eval_every: int = 1
     checkpoint_every: int = 1
 
@@ -81,7 +91,7 @@ class Config:
         positive_ints = (
             "rounds clients per_round shards_per_client local_steps batch_size sign_block qsgd_bucket "
             "syn_per_class syn_min_models syn_period syn_window syn_span syn_unroll syn_iters eval_every "
-            "checkpoint_every"
+            "checkpoint_every sfc_samples sfc_iters fedsynth_batches fedsynth_batch_size fedsynth_iters"
         ).split()
         for name in positive_ints:
             v = getattr(self, name)
@@ -104,6 +114,10 @@ class Config:
             ("syn_lr_images", 0.0, float("inf"), False),
             ("syn_lr_labels", 0.0, float("inf"), True),
             ("syn_lr_step", 0.0, float("inf"), True),
+            ("sfc_lr", 0.0, float("inf"), False),
+            ("fedsynth_lr", 0.0, float("inf"), False),
+            ("dppf_alpha", 0.0, 1.0, False),
+            ("dppf_lambda", 0.0, float("inf"), True),
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -112,6 +126,11 @@ class Config:
             if not ok:
                 bracket = "[" if closed_lo else "("
                 raise ValueError(f"{name} must be in {bracket}{lo}, {hi}]; got {v!r}")
+        for name in ("error_feedback", "sfc_double_way"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false; got {getattr(self, name)!r}")
+        if self.sfc_double_way and self.compressor != "3sfc":
+            raise ValueError(f"sfc_double_way needs compressor '3sfc'; got compressor {self.compressor!r}")
         if self.syn_window <= self.syn_span:
             raise ValueError(f"syn_window must be > syn_span={self.syn_span}; got {self.syn_window}")
         if self.syn_min_models <= self.syn_span or self.syn_min_models > self.syn_window:

@@ -20,11 +20,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from fedcomp.flat import FlatSpec, unflatten
-
-from .algorithms import soft_cross_entropy
+from fedcomp.flat import FlatSpec
 
 __all__ = ["SyntheticSet", "distill", "matching_loss"]
 
@@ -54,21 +51,12 @@ class SyntheticSet:
         return cls(state["images"], state["label_logits"], state["log_lr"], int(state["version"]))
 
 
-def _unroll(model: nn.Module, spec: FlatSpec, theta0: Tensor, images, label_logits, log_lr, steps: int) -> Tensor:
-    """``steps`` differentiable SGD steps from ``theta0`` on the soft-labelled set; returns theta_N."""
-    theta = theta0.detach().clone().requires_grad_(True)
-    lr = log_lr.exp()
-    for _ in range(steps):
-        logits = functional_call(model, unflatten(theta, spec), (images,))
-        (g,) = torch.autograd.grad(soft_cross_entropy(logits, label_logits), theta, create_graph=True)
-        theta = theta - lr * g
-    return theta
-
-
 def matching_loss(model, spec, start: Tensor, target: Tensor, images, label_logits, log_lr, steps: int) -> Tensor:
     """``||theta_N - target||^2 / ||start - target||^2`` after ``steps`` unrolled steps from ``start``."""
-    theta = _unroll(model, spec, start, images, label_logits, log_lr, steps)
-    return (theta - target).pow(2).sum() / (start - target).pow(2).sum().clamp_min(1e-12)
+    from .syncomp import replay
+
+    moved = replay(model, spec, start, [images] * steps, [label_logits] * steps, log_lr)
+    return (start + moved - target).pow(2).sum() / (start - target).pow(2).sum().clamp_min(1e-12)
 
 
 def distill(

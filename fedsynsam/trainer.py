@@ -37,6 +37,7 @@ from . import algorithms as alg
 from .config import Config
 from .data import Dataset, dirichlet_partition, load_dataset, shard_partition
 from .models import build_model
+from .syncomp import FedSynth, ModelCompressor, ThreeSFC
 from .synthetic import SyntheticSet, distill
 
 __all__ = ["Trainer", "RunState", "build_uplink", "METRIC_KEYS"]
@@ -45,8 +46,36 @@ METRIC_KEYS = ("round", "test_acc", "test_loss", "train_loss", "uplink_bytes", "
 _DIRECTION_ALGOS = ("mofedsam", "fedlesam", "fedsynsam")
 
 
-def build_uplink(cfg: Config):
-    """The client-side compressor for ``cfg`` (wrapped in ErrorFeedback when asked)."""
+def build_uplink(cfg: Config, model=None, spec=None, data: Dataset | None = None, *, seed_offset: int = 0):
+    """The client-side compressor for ``cfg`` (wrapped in ErrorFeedback when asked). 3SFC and
+    FedSynth use the model as decompressor, so they need ``model``, ``spec`` and ``data``."""
+    if cfg.compressor in ("3sfc", "fedsynth"):
+        if model is None or spec is None or data is None:
+            raise ValueError(f"compressor {cfg.compressor!r} needs the model, its FlatSpec and the dataset")
+        common = dict(error_feedback=cfg.error_feedback, seed=cfg.seed + seed_offset)
+        if cfg.compressor == "3sfc":
+            return ThreeSFC(
+                model,
+                spec,
+                data.input_shape,
+                data.num_classes,
+                samples=cfg.sfc_samples,
+                iters=cfg.sfc_iters,
+                lr=cfg.sfc_lr,
+                **common,
+            )
+        return FedSynth(
+            model,
+            spec,
+            data.input_shape,
+            data.num_classes,
+            batches=cfg.fedsynth_batches,
+            batch_size=cfg.fedsynth_batch_size,
+            iters=cfg.fedsynth_iters,
+            lr=cfg.fedsynth_lr,
+            init_step=cfg.lr,
+            **common,
+        )
     base = {
         "none": lambda: fedcomp.Identity(),
         "topk": lambda: fedcomp.TopK(cfg.ratio),
@@ -76,8 +105,8 @@ class RunState:
     synthetic: SyntheticSet | None = None
     last_refresh: int = -1
     client_syn_version: dict = field(default_factory=dict)  # client -> version of D_syn it holds
-    uplink_state: dict = field(default_factory=dict)
     distill_losses: list = field(default_factory=list)  # (round, first, last) per refresh
+    workers: dict = field(default_factory=dict)  # DPPF: client -> its own flat model
 
 
 class Trainer:
@@ -96,7 +125,11 @@ class Trainer:
             self.partition = dirichlet_partition(self.data.y_train, cfg.clients, cfg.alpha, cfg.seed)
         else:
             self.partition = shard_partition(self.data.y_train, cfg.clients, cfg.shards_per_client, cfg.seed)
-        self.uplink = build_uplink(cfg)
+        self.uplink = build_uplink(cfg, self.model, self.spec, self.data)
+        # 3SFC double-way: the server compresses what it broadcasts, with its own residual
+        self.downlink = (
+            build_uplink(cfg, self.model, self.spec, self.data, seed_offset=7919) if cfg.sfc_double_way else None
+        )
         self.state = RunState(round=0, w=w0.clone(), trajectory=[w0.clone()])
         self.timings = {"local": 0.0, "compress": 0.0, "wire": 0.0, "aggregate": 0.0, "distill": 0.0, "eval": 0.0}
 
@@ -130,7 +163,7 @@ class Trainer:
     def _round_perturbation(self) -> tuple[alg.Perturbation, str]:
         """The perturbation source of this round and which one it is (for the record)."""
         cfg, st = self.cfg, self.state
-        if cfg.algorithm == "fedavg":
+        if cfg.algorithm in ("fedavg", "dppf"):
             return alg.NoPerturbation(), "none"
         if cfg.algorithm in ("fedsam", "mofedsam"):
             return alg.BatchGradient(cfg.rho), "batch"
@@ -148,7 +181,8 @@ class Trainer:
 
     def _downlink_per_client(self, source: str, client: int) -> int:
         dense = fedcomp.Identity().wire_bytes(self.numel)
-        total = dense  # the global model
+        # the global model, or (3SFC double-way) the compressed aggregate, counted when it is made
+        total = 0 if self.downlink is not None else dense
         if self.cfg.algorithm == "mofedsam" or source == "previous-update":
             total += dense if self.state.u_prev is not None else 0
         if source == "synthetic":
@@ -168,12 +202,13 @@ class Trainer:
         momentum = None
         if cfg.algorithm == "mofedsam" and st.u_prev is not None:
             momentum = self._split(-st.u_prev / (cfg.local_steps * cfg.lr))
-        payloads, losses, down = [], [], 0
+        payloads, losses, down, finished = [], [], 0, {}
         delta = torch.empty_like(st.w)
         for c in clients.tolist():
             down += self._downlink_per_client(source, c)
             tic = time.perf_counter()
-            self.load_flat(st.w)
+            start_model = st.workers.get(c, st.w) if cfg.algorithm == "dppf" else st.w
+            self.load_flat(start_model)
             idx = self.partition[c]
             loss = alg.local_train(
                 self.model,
@@ -190,10 +225,14 @@ class Trainer:
             )
             losses.append(loss)
             flatten(self.model, out=delta)
+            if cfg.algorithm == "dppf":
+                finished[c] = delta.clone()  # the worker's model after its local steps
             delta.sub_(st.w)
             tic2 = time.perf_counter()
             self.timings["local"] += tic2 - tic
-            if isinstance(self.uplink, fedcomp.ErrorFeedback):
+            if isinstance(self.uplink, ModelCompressor):
+                payload = self.uplink.compress(delta, f"client{c}", st.w)
+            elif isinstance(self.uplink, fedcomp.ErrorFeedback):
                 payload = self.uplink.compress(delta, key=f"client{c}")
             else:
                 payload = self.uplink.compress(delta)
@@ -204,11 +243,20 @@ class Trainer:
             self.timings["compress"] += tic3 - tic2
             self.timings["wire"] += tic4 - tic3
         tic = time.perf_counter()
-        update = fedcomp.aggregate(payloads)
+        if isinstance(self.uplink, ModelCompressor):
+            update = torch.stack([self.uplink.decode(p, st.w) for p in payloads]).mean(0)
+        else:
+            update = fedcomp.aggregate(payloads)
         if cfg.server_lr != 1.0:
             update.mul_(cfg.server_lr)
+        if self.downlink is not None:
+            broadcast = fedcomp.Payload.from_bytes(self.downlink.compress(update, "server", st.w).to_bytes())
+            update = self.downlink.decode(broadcast, st.w)
+            down += len(clients) * broadcast.nbytes
         st.w.add_(update)
         st.u_prev = update
+        for c, model_c in finished.items():  # DPPF: pull toward the new mean, push to keep the spread
+            st.workers[c] = alg.pull_push(model_c, st.w, cfg.dppf_alpha, cfg.dppf_lambda)
         self.timings["aggregate"] += time.perf_counter() - tic
         up = sum(p.nbytes for p in payloads)
         st.trajectory.append(st.w.clone())
@@ -230,6 +278,8 @@ class Trainer:
             seconds=time.perf_counter() - start,
             perturbation=source,
         )
+        if cfg.algorithm == "dppf":
+            record["worker_spread"] = sum(float((m - st.w).norm()) for m in st.workers.values()) / len(st.workers)
         return record
 
     def _maybe_refresh(self) -> None:
@@ -273,6 +323,8 @@ class Trainer:
             "last_refresh": st.last_refresh,
             "client_syn_version": st.client_syn_version,
             "uplink": self.uplink.state_dict(),
+            "downlink": None if self.downlink is None else self.downlink.state_dict(),
+            "workers": st.workers,
             "distill_losses": st.distill_losses,
             "config": self.cfg.to_dict(),
         }
@@ -293,6 +345,9 @@ class Trainer:
         st.client_syn_version = dict(ckpt["client_syn_version"])
         st.distill_losses = list(ckpt["distill_losses"])
         self.uplink.load_state_dict(ckpt["uplink"])
+        if self.downlink is not None:
+            self.downlink.load_state_dict(ckpt["downlink"])
+        st.workers = {int(k): v.clone() for k, v in ckpt["workers"].items()}
 
     def _save_checkpoint(self) -> None:
         tmp = self.out / "checkpoint.pt.tmp"

@@ -1,0 +1,176 @@
+"""3SFC, FedSynth and DPPF: encoders, error feedback, payload sizes, the pull-push dynamics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fedcomp
+from fedcomp.flat import flatten
+from fedsynsam import algorithms as alg
+from fedsynsam.config import Config
+from fedsynsam.data import load_dataset
+from fedsynsam.models import build_model
+from fedsynsam.syncomp import FedSynth, ThreeSFC
+from fedsynsam.trainer import Trainer
+
+DIGITS = load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def setting():
+    """A small MLP, its flat weights w, and a real client update g (a few SGD steps on 64 samples)."""
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10)
+    w, spec = flatten(model)
+    w = w.clone()
+    x, y = DIGITS.x_train[:64], DIGITS.y_train[:64]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    g = flatten(model)[0] - w
+    return model, spec, w, g
+
+
+def _cos(a, b) -> float:
+    return float(F.cosine_similarity(a, b, dim=0))
+
+
+def test_3sfc_cosine_is_far_above_a_random_direction(setting):
+    model, spec, w, g = setting
+    comp = ThreeSFC(model, spec, (1, 8, 8), 10, samples=1, iters=60, lr=0.1, error_feedback=False)
+    decoded = comp.decode(comp.compress(g, "c", w), w)
+    gen = torch.Generator().manual_seed(0)
+    rand = max(abs(_cos(torch.randn(g.numel(), generator=gen), g)) for _ in range(20))
+    assert _cos(decoded, g) > 0.3 and _cos(decoded, g) > 10 * rand, (_cos(decoded, g), rand)
+
+
+def test_3sfc_error_feedback_residual_is_g_minus_s_ghat(setting):
+    model, spec, w, g = setting
+    comp = ThreeSFC(model, spec, (1, 8, 8), 10, samples=2, iters=10, lr=0.1)
+    p1 = comp.compress(g, "c", w)
+    decoded = comp.decode(fedcomp.Payload.from_bytes(p1.to_bytes()), w)
+    assert torch.equal(comp.residuals["c"], g - decoded)
+    # the scale is the least-squares one: the residual is orthogonal to the decoded direction
+    assert abs(float(comp.residuals["c"] @ decoded)) < 1e-4 * float(g.norm() * decoded.norm())
+    before = comp.residuals["c"].clone()
+    p2 = comp.compress(g, "c", w)
+    assert torch.allclose(comp.residuals["c"], g + before - comp.decode(p2, w))
+
+
+def test_fedsynth_replay_approaches_the_update(setting):
+    model, spec, w, g = setting
+    comp = FedSynth(model, spec, (1, 8, 8), 10, batches=2, batch_size=4, iters=80, lr=0.05, error_feedback=False)
+    trace = []
+    vector = comp._encode(g, w, torch.Generator().manual_seed(0), trace=trace)
+    assert min(trace[-10:]) < 0.7 * trace[0], (trace[0], min(trace[-10:]))
+    assert comp.matching_error(vector, g, w) == pytest.approx(min(trace), rel=1e-5)
+    payload = comp.compress(g, "c", w)
+    assert torch.equal(comp.decode(payload, w), comp.decode(fedcomp.Payload.from_bytes(payload.to_bytes()), w))
+
+
+@pytest.mark.parametrize(
+    "make, floats",
+    [
+        (lambda m, s: ThreeSFC(m, s, (1, 8, 8), 10, samples=1), 1 * (64 + 10) + 1),
+        (lambda m, s: ThreeSFC(m, s, (1, 8, 8), 10, samples=3), 3 * (64 + 10) + 1),
+        (lambda m, s: FedSynth(m, s, (1, 8, 8), 10, batches=2, batch_size=5), 2 * 5 * (64 + 10) + 1),
+    ],
+)
+def test_payload_sizes_equal_the_formula(setting, make, floats):
+    model, spec, w, g = setting
+    comp = make(model, spec)
+    comp.iters = 2
+    payload = comp.compress(g, "c", w)
+    assert comp.floats() == floats
+    assert payload.nbytes == len(payload.to_bytes()) == comp.wire_bytes() == 52 + 4 * floats
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"samples": 0}, "samples must be an integer >= 1"),
+        ({"iters": 0}, "iters must be an integer >= 1"),
+        ({"lr": -1.0}, "lr must be a finite number > 0"),
+        ({"lr": float("nan")}, "lr must be a finite number > 0"),
+    ],
+)
+def test_3sfc_rejects_bad_hyperparameters(setting, kwargs, match):
+    model, spec, _, _ = setting
+    with pytest.raises(ValueError, match=match):
+        ThreeSFC(model, spec, (1, 8, 8), 10, **kwargs)
+
+
+def test_fedsynth_rejects_bad_hyperparameters(setting):
+    model, spec, _, _ = setting
+    with pytest.raises(ValueError, match="batches must be an integer >= 1"):
+        FedSynth(model, spec, (1, 8, 8), 10, batches=0)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        FedSynth(model, spec, (1, 8, 8), 10, batch_size=-2)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"dppf_alpha": 0.0}, r"dppf_alpha must be in \(0.0, 1.0\]"),
+        ({"dppf_lambda": -1.0}, r"dppf_lambda must be in \[0.0, inf\]"),
+        ({"sfc_samples": 0}, "sfc_samples must be an integer >= 1"),
+        ({"fedsynth_iters": 0}, "fedsynth_iters must be an integer >= 1"),
+        ({"sfc_double_way": True, "compressor": "topk"}, "sfc_double_way needs compressor '3sfc'"),
+    ],
+)
+def test_config_rejects_bad_hyperparameters(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        Config(**overrides).validate()
+
+
+def test_pull_push_spread_settles_at_lambda_over_alpha():
+    """Convex toy: f(x) = x_0^2 / 2 has a flat valley along x_1. Workers take gradient steps,
+    then pull-push around their mean; their distance to the mean settles at lambda / alpha."""
+    alpha, lam = 0.2, 0.05
+    gen = torch.Generator().manual_seed(0)
+    workers = [torch.randn(2, generator=gen) * 3 for _ in range(4)]
+    for _ in range(300):
+        workers = [x - 0.1 * torch.tensor([x[0], 0.0]) for x in workers]  # local gradient step
+        mean = torch.stack(workers).mean(0)
+        workers = [alg.pull_push(x, mean, alpha, lam) for x in workers]
+    mean = torch.stack(workers).mean(0)
+    spreads = [float((x - mean).norm()) for x in workers]
+    assert all(s == pytest.approx(lam / alpha, rel=0.05) for s in spreads), spreads
+
+
+def test_pull_push_without_a_direction_only_pulls():
+    x = torch.ones(3)
+    assert torch.equal(alg.pull_push(x, x.clone(), 0.5, 1.0), x)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"compressor": "3sfc"},
+        {"compressor": "3sfc", "sfc_double_way": True},
+        {"compressor": "fedsynth"},
+        {"algorithm": "dppf"},
+        {"algorithm": "dppf", "compressor": "topk"},
+    ],
+)
+def test_trainer_runs_and_resumes_with_the_new_systems(tmp_path, overrides):
+    cfg = Config(rounds=4, clients=4, per_round=2, local_steps=2, sfc_iters=3, fedsynth_iters=3, **overrides)
+    full = Trainer(cfg, tmp_path / "full", dataset=DIGITS)
+    records = full.run(progress=False)
+    first = Trainer(cfg, tmp_path / "split", dataset=DIGITS)
+    first.run(progress=False, stop_after=2)
+    resumed = Trainer(cfg, tmp_path / "split", dataset=DIGITS).run(progress=False, resume=True)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(resumed) == strip(records)
+    if cfg.compressor in ("3sfc", "fedsynth"):
+        per_client = full.uplink.wire_bytes()
+        assert all(r["uplink_bytes"] == 2 * per_client for r in records)
+    if cfg.sfc_double_way:
+        assert all(r["downlink_bytes"] == 2 * full.downlink.wire_bytes() for r in records)
+    if cfg.algorithm == "dppf":
+        assert all(r["worker_spread"] > 0 for r in records)
+        assert all(r["downlink_bytes"] == 2 * fedcomp.Identity().wire_bytes(full.numel) for r in records)
