@@ -17,8 +17,8 @@ from .config import Config, load_toml
 __all__ = ["main"]
 
 _FLAG_HELP = {
-    "algorithm": "fedavg | fedsam | mofedsam | fedlesam | fedsynsam",
-    "compressor": "none | topk | randk | sign | qsgd (client uploads)",
+    "algorithm": "fedavg | fedsam | mofedsam | fedlesam | fedsynsam | dppf",
+    "compressor": "none | topk | randk | sign | qsgd | 3sfc | fedsynth (client uploads)",
     "ratio": "fraction of entries kept by topk / randk, in (0, 1]",
     "error_feedback": "keep an error-feedback residual per client (true/false)",
     "rounds": "communication rounds T",
@@ -33,6 +33,11 @@ _FLAG_HELP = {
     "server_lr": "server learning rate",
     "rho": "SAM radius",
     "perturbation": "FedSynSAM: client (send D_syn) | server (send eps)",
+    "sfc_samples": "3SFC: synthetic samples per upload",
+    "sfc_double_way": "3SFC: the server also compresses its broadcast (true/false)",
+    "fedsynth_batches": "FedSynth: replayed synthetic batches",
+    "dppf_alpha": "DPPF pull strength in (0, 1]",
+    "dppf_lambda": "DPPF push; workers settle about lambda/alpha from the mean",
 }
 
 
