@@ -61,7 +61,7 @@ def test_uplink_bytes_equal_the_payload_formulas():
         cfg = tiny(compressor=compressor)
         trainer = Trainer(cfg, dataset=DIGITS)
         records = trainer.run(progress=False)
-        per_client = build_uplink(cfg).wire_bytes(trainer.numel)
+        per_client = trainer.uplink.wire_bytes(trainer.numel)
         assert all(r["uplink_bytes"] == cfg.per_round * per_client for r in records), compressor
     topk = build_uplink(tiny(compressor="topk")).wire_bytes(26122)
     assert topk == 44 + 16 + 262 * 8  # k = ceil(0.01 * 26122) values + int32 indices
