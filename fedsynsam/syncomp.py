@@ -44,15 +44,15 @@ def synthetic_gradient(model: nn.Module, spec: FlatSpec, w: Tensor, x: Tensor, y
     return g
 
 
-def replay(model: nn.Module, spec: FlatSpec, w: Tensor, xs: Tensor, ys: Tensor, log_lr: Tensor) -> Tensor:
-    """``theta_B - w`` after one SGD step per batch ``xs[j], ys[j]`` from ``w`` (differentiable)."""
+def replay(model: nn.Module, spec: FlatSpec, w: Tensor, xs, ys, log_lr: Tensor) -> Tensor:
+    """``theta_B``: one differentiable SGD step per batch ``xs[j], ys[j]`` from ``w``."""
     theta = w.detach().clone().requires_grad_(True)
     lr = log_lr.exp()
     for x, y in zip(xs, ys):
         logits = functional_call(model, unflatten(theta, spec), (x,))
         (g,) = torch.autograd.grad(soft_cross_entropy(logits, y), theta, create_graph=True)
         theta = theta - lr * g
-    return theta - w.detach()
+    return theta
 
 
 class ModelCompressor:
@@ -229,7 +229,7 @@ class FedSynth(ModelCompressor):
         """``||replay - g||^2 / ||g||^2`` of an encoded vector."""
         xs, ys, log_lr = self._split(vector)
         with torch.enable_grad():
-            d = replay(self.model, self.spec, w, xs, ys, log_lr).detach()
+            d = (replay(self.model, self.spec, w, xs, ys, log_lr) - w).detach()
         return float((d - g).pow(2).sum() / g.pow(2).sum().clamp_min(1e-30))
 
     def _encode(self, g: Tensor, w: Tensor, gen: torch.Generator, trace: list | None = None) -> Tensor:
@@ -241,7 +241,7 @@ class FedSynth(ModelCompressor):
         denom = g.pow(2).sum().clamp_min(1e-30)
         best, best_err = None, math.inf
         for _ in range(self.iters):
-            err = (replay(self.model, self.spec, w, xs, ys, log_lr) - g).pow(2).sum() / denom
+            err = (replay(self.model, self.spec, w, xs, ys, log_lr) - w - g).pow(2).sum() / denom
             e = float(err.detach())
             if e < best_err:
                 best, best_err = (xs.detach().clone(), ys.detach().clone(), log_lr.detach().clone()), e
@@ -256,4 +256,4 @@ class FedSynth(ModelCompressor):
     def _decode(self, vector: Tensor, w: Tensor) -> Tensor:
         xs, ys, log_lr = self._split(vector)
         with torch.enable_grad():
-            return replay(self.model, self.spec, w, xs, ys, log_lr).detach()
+            return (replay(self.model, self.spec, w, xs, ys, log_lr) - w).detach()

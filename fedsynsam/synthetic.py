@@ -55,8 +55,8 @@ def matching_loss(model, spec, start: Tensor, target: Tensor, images, label_logi
     """``||theta_N - target||^2 / ||start - target||^2`` after ``steps`` unrolled steps from ``start``."""
     from .syncomp import replay
 
-    moved = replay(model, spec, start, [images] * steps, [label_logits] * steps, log_lr)
-    return (start + moved - target).pow(2).sum() / (start - target).pow(2).sum().clamp_min(1e-12)
+    theta = replay(model, spec, start, [images] * steps, [label_logits] * steps, log_lr)
+    return (theta - target).pow(2).sum() / (start - target).pow(2).sum().clamp_min(1e-12)
 
 
 def distill(
