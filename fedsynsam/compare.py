@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import sys
 from pathlib import Path
 
 from .config import Config
@@ -58,7 +59,8 @@ def run_grid(
                 )
         else:
             resume = (run_dir / "checkpoint.pt").is_file()
-            Trainer(cfg, run_dir, dataset=data).run(resume=resume, progress=progress)
+            # one bar per run only on a terminal: nested bars garble logs and CI output
+            Trainer(cfg, run_dir, dataset=data).run(resume=resume, progress=progress and sys.stderr.isatty())
         if sharpness and "lambda_max" not in json.loads(summary.read_text()):
             from .sharpness import measure_run
 
