@@ -25,6 +25,8 @@ def _providers(op: str, x, r):
 
     k = N // 100
     packed, scales = T.sign_ef_triton(x, r.clone(), 4096, False)
+    codes, norms = T.qsgd_triton(x, None, 4, 512, 0)
+    stack = torch.randint(0, 256, (10, (N + 7) // 8), dtype=torch.uint8, device="cuda")
     idx = torch.randperm(N, device="cuda")[:k]
     vals = torch.randn(k, device="cuda")
     out = torch.zeros(N, device="cuda")
@@ -41,7 +43,13 @@ def _providers(op: str, x, r):
             "triton": lambda: T.qsgd_triton(x, r, 4, 512, 0),
             "composite": lambda: bench.composite_qsgd(x, r, 4, 512),
         },
+        "topk_threshold_ef": {
+            "triton": lambda: T.topk_threshold_ef_triton(x, r, k, 2 * k, 65536, 0),
+            "composite": lambda: bench.composite_topk_ef(x, r, k),
+        },
         "sign_decode": {"triton": lambda: T.sign_decode_triton(packed, scales, N, 4096)},
+        "sign_majority (10 rows)": {"triton": lambda: T.sign_majority_triton(stack)},
+        "qsgd_decode": {"triton": lambda: T.qsgd_decode_triton(codes, norms, N, 4, 512)},
         "sparse_accumulate": {
             "triton": lambda: T.sparse_accumulate_triton(out, idx, vals, 1.0),
             "composite": lambda: out.index_add_(0, idx, vals),
@@ -61,7 +69,11 @@ def _providers(op: str, x, r):
     return table[op]
 
 
-@pytest.mark.parametrize("op", ["topk_ef", "sign_ef", "qsgd", "sign_decode", "sparse_accumulate"])
+@pytest.mark.parametrize(
+    "op",
+    ["topk_ef", "topk_threshold_ef", "sign_ef", "qsgd", "sign_decode", "sign_majority (10 rows)", "qsgd_decode",
+     "sparse_accumulate"],
+)
 def test_gpu_op(table, op):
     import triton.testing
 
