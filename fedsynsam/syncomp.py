@@ -55,6 +55,11 @@ def replay(model: nn.Module, spec: FlatSpec, w: Tensor, xs, ys, log_lr: Tensor) 
     return theta
 
 
+def _check_positive_int(name: str, value, lo: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}; got {value!r}")
+
+
 class ModelCompressor:
     """Base of the model-as-decompressor compressors; per-key error-feedback residuals."""
 
@@ -72,9 +77,8 @@ class ModelCompressor:
         error_feedback: bool = True,
         seed: int = 0,
     ):
-        for name, value, lo in (("iters", iters, 1), ("num_classes", num_classes, 2)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}; got {value!r}")
+        _check_positive_int("iters", iters)
+        _check_positive_int("num_classes", num_classes, 2)
         if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a finite number > 0; got {lr!r}")
         self.model, self.spec = model, spec
@@ -149,8 +153,7 @@ class ThreeSFC(ModelCompressor):
         super().__init__(
             model, spec, input_shape, num_classes, iters=iters, lr=lr, error_feedback=error_feedback, seed=seed
         )
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be an integer >= 1; got {samples!r}")
+        _check_positive_int("samples", samples)
         self.samples = samples
 
     def floats(self) -> int:
@@ -209,9 +212,8 @@ class FedSynth(ModelCompressor):
         super().__init__(
             model, spec, input_shape, num_classes, iters=iters, lr=lr, error_feedback=error_feedback, seed=seed
         )
-        for name, value in (("batches", batches), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        _check_positive_int("batches", batches)
+        _check_positive_int("batch_size", batch_size)
         if not init_step > 0:
             raise ValueError(f"init_step must be > 0; got {init_step!r}")
         self.batches, self.batch_size, self.init_step = batches, batch_size, float(init_step)

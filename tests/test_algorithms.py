@@ -117,7 +117,9 @@ def trajectory():
     return trainer
 
 
-def test_distillation_lowers_its_matching_loss(trajectory):
+@pytest.fixture(scope="module")
+def distilled(trajectory):
+    """The synthetic set distilled from that trajectory, and its matching loss per iteration."""
     tr = trajectory
     syn, losses = distill(
         tr.model,
@@ -136,6 +138,12 @@ def test_distillation_lowers_its_matching_loss(trajectory):
         generator=torch.Generator().manual_seed(0),
         version=1,
     )
+    return syn, losses
+
+
+def test_distillation_lowers_its_matching_loss(trajectory, distilled):
+    tr = trajectory
+    syn, losses = distilled
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.8 * first, (first, last)
     # on a fixed pair of models, the learned set matches better than its noise initialisation
@@ -147,25 +155,9 @@ def test_distillation_lowers_its_matching_loss(trajectory):
     assert float(after.detach()) < float(before.detach())
 
 
-def test_synthetic_gradient_points_like_the_full_data_gradient(trajectory):
+def test_synthetic_gradient_points_like_the_full_data_gradient(trajectory, distilled):
     tr = trajectory
-    syn, _ = distill(
-        tr.model,
-        tr.spec,
-        tr.state.trajectory,
-        input_shape=(1, 8, 8),
-        num_classes=10,
-        per_class=10,
-        unroll=10,
-        span=2,
-        iters=80,
-        lr_images=0.05,
-        lr_labels=0.05,
-        lr_step=0.01,
-        init_step=0.05,
-        generator=torch.Generator().manual_seed(0),
-        version=1,
-    )
+    syn, _ = distilled
     tr.load_flat(tr.state.w)
     params = list(tr.model.parameters())
     full = torch.autograd.grad(F.cross_entropy(tr.model(DIGITS.x_train), DIGITS.y_train), params)

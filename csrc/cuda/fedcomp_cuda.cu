@@ -177,6 +177,19 @@ __global__ void scan_kernel(const uint32_t* __restrict__ counts, int64_t ntiles,
   }
 }
 
+// Inclusive scan of one value per thread over the block (Hillis-Steele in shared memory);
+// leaves the result in shared[threadIdx.x].
+__device__ __forceinline__ void block_inclusive_scan(uint32_t v, uint32_t* shared) {
+  shared[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = 1; s < blockDim.x; s <<= 1) {
+    const uint32_t add = threadIdx.x >= s ? shared[threadIdx.x - s] : 0u;
+    __syncthreads();
+    shared[threadIdx.x] += add;
+    __syncthreads();
+  }
+}
+
 // Writes the picks of a tile in index order (block-wide exclusive scan of the pick flags, in
 // chunks of blockDim.x entries) and zeroes them in the residual. Traffic: 4 B/elem read plus
 // the k picks.
@@ -195,25 +208,11 @@ __global__ void compact_kernel(const uint32_t* __restrict__ keys, const float* _
     const uint32_t key = i < n ? keys[i] : 0u;
     const bool valid = i < n;
     const uint32_t eq = valid && key == t;
-    // inclusive scan of eq, then of the pick flags (Hillis-Steele in shared memory)
-    scan_eq[threadIdx.x] = eq;
-    __syncthreads();
-    for (int s = 1; s < blockDim.x; s <<= 1) {
-      const uint32_t v = threadIdx.x >= s ? scan_eq[threadIdx.x - s] : 0u;
-      __syncthreads();
-      scan_eq[threadIdx.x] += v;
-      __syncthreads();
-    }
+    // inclusive scans of the tie flags, then of the pick flags
+    block_inclusive_scan(eq, scan_eq);
     const uint32_t eq_rank = eq_base + scan_eq[threadIdx.x] - eq;
     const uint32_t pick = valid && (key > t || (eq && eq_rank < take_eq));
-    scan_pick[threadIdx.x] = pick;
-    __syncthreads();
-    for (int s = 1; s < blockDim.x; s <<= 1) {
-      const uint32_t v = threadIdx.x >= s ? scan_pick[threadIdx.x - s] : 0u;
-      __syncthreads();
-      scan_pick[threadIdx.x] += v;
-      __syncthreads();
-    }
+    block_inclusive_scan(pick, scan_pick);
     if (pick) {
       const uint32_t pos = base + scan_pick[threadIdx.x] - 1;
       values[pos] = a[i];
