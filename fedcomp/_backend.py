@@ -53,6 +53,12 @@ def _triton_unavailable(why_prefix: str) -> str | None:
     return None
 
 
+def summarize(exc: BaseException) -> str:
+    """``Type: last line of the message``: one readable line for a build or compile failure."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+
+
 def requested() -> str:
     """The value of FEDCOMP_BACKEND, validated."""
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
@@ -102,7 +108,7 @@ def cpu_backend() -> str:
                 build.load_cpu_extension()
                 chosen = "cpu"
             except Exception as exc:  # any build/load failure: compiler, ninja, ABI
-                _cpu_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                _cpu_error = summarize(exc)
                 if want == "cpu":
                     raise BackendUnavailable(
                         f"{ENV_VAR}=cpu but the C++ CPU kernels could not be built: {_cpu_error}. "
@@ -142,7 +148,7 @@ def gpu_backend() -> str:
                 cuda_ops.register()
                 chosen = "cuda"
             except Exception as exc:
-                _gpu_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                _gpu_error = summarize(exc)
                 if want == "cuda":
                     raise BackendUnavailable(
                         f"{ENV_VAR}=cuda but the CUDA kernels are unavailable: {_gpu_error}"

@@ -45,9 +45,7 @@ def register() -> None:
         return ext.sign_ef(x, residual, block, l2)
 
     def sparse_accumulate(out, indices, values, alpha):
-        lo, hi = (int(indices.min()), int(indices.max())) if indices.numel() else (0, 0)
-        if lo < 0 or hi >= out.numel():
-            raise IndexError(f"sparse_accumulate: indices must lie in [0, {out.numel()}), got min {lo}, max {hi}")
+        reference.check_indices(indices, out.numel())
         ext.sparse_accumulate(out, indices.long(), values.float(), alpha)
 
     lib = torch.library.Library("fedcomp", "IMPL")

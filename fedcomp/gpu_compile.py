@@ -87,6 +87,7 @@ def compile_triton(archs=ARCHS) -> list[Row]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from ._backend import summarize
     from .triton_ops import LAUNCH_CONFIGS
 
     tool = find_cuobjdump()
@@ -105,10 +106,7 @@ def compile_triton(archs=ARCHS) -> list[Row]:
                 regs, spills = _cubin_usage(compiled.asm["cubin"], tool) if tool else (None, None)
                 rows.append(Row("triton", name, f"sm_{arch}", regs, spills, "ok"))
             except Exception as exc:
-                msg = str(exc).strip().splitlines()
-                rows.append(
-                    Row("triton", name, f"sm_{arch}", None, None, f"{type(exc).__name__}: {msg[-1] if msg else ''}")
-                )
+                rows.append(Row("triton", name, f"sm_{arch}", None, None, summarize(exc)))
     return rows
 
 

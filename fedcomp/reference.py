@@ -55,7 +55,7 @@ _M32 = 0xFFFFFFFF
 # --------------------------------------------------------------------------
 def abs_key(a: Tensor) -> Tensor:
     """int64 key that orders like ``|a|`` (``a`` fp32): the IEEE bits with the sign cleared."""
-    return (a.float().contiguous().view(torch.int32).long() & 0x7FFFFFFF)
+    return a.float().contiguous().view(torch.int32).long() & 0x7FFFFFFF
 
 
 def pack_codes(codes: Tensor, width: int) -> Tensor:
@@ -158,9 +158,7 @@ def topk_ef(x: Tensor, residual: Tensor | None, k: int, index_dtype: torch.dtype
     return values, indices.to(index_dtype)
 
 
-def topk_threshold_ef(
-    x: Tensor, residual: Tensor | None, k: int, capacity: int, sample_size: int, seed: int
-):
+def topk_threshold_ef(x: Tensor, residual: Tensor | None, k: int, capacity: int, sample_size: int, seed: int):
     """Approximate top-k: a threshold from a sample, then a fixed-capacity compaction.
 
     ``s = sample_size`` positions ``p_j`` (:func:`philox_sample_positions`) are drawn;
@@ -280,11 +278,15 @@ def qsgd_decode(packed: Tensor, norms: Tensor, numel: int, levels: int, bucket: 
 # --------------------------------------------------------------------------
 # aggregation
 # --------------------------------------------------------------------------
+def check_indices(indices: Tensor, n: int) -> None:
+    """IndexError unless every index lies in ``[0, n)`` (one host synchronisation)."""
+    if indices.numel():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= n:
+            raise IndexError(f"sparse_accumulate: indices must lie in [0, {n}), got min {lo}, max {hi}")
+
+
 def sparse_accumulate(out: Tensor, indices: Tensor, values: Tensor, alpha: float) -> None:
     """``out[indices] += alpha * values`` (duplicates accumulate, in list order)."""
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= out.numel()):
-        raise IndexError(
-            f"sparse_accumulate: indices must lie in [0, {out.numel()}), "
-            f"got min {int(indices.min())}, max {int(indices.max())}"
-        )
+    check_indices(indices, out.numel())
     out.index_add_(0, indices.long(), (values.float() * alpha).to(out.dtype))

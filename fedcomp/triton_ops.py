@@ -26,7 +26,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from .reference import qsgd_bits  # noqa: E402
+from .reference import check_indices, qsgd_bits  # noqa: E402
 
 __all__ = [
     "topk_ef_triton",
@@ -342,9 +342,7 @@ def sparse_accumulate_triton(out: Tensor, indices: Tensor, values: Tensor, alpha
     m = indices.numel()
     if m == 0:
         return
-    lo, hi = int(indices.min()), int(indices.max())  # one host sync, as in the reference
-    if lo < 0 or hi >= out.numel():
-        raise IndexError(f"sparse_accumulate: indices must lie in [0, {out.numel()}), got min {lo}, max {hi}")
+    check_indices(indices, out.numel())  # one host sync, as in the reference
     alpha32 = float(torch.tensor(alpha, dtype=torch.float32))
     _sparse_accumulate_kernel[_grid(m)](out, indices, values, m, alpha32, T=TILE, **_OPTS)
 
