@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # bad settings, files, folders: one line, exit 2
         print(f"fedsynsam {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from .checkpoint import load as load_plain
 from .config import Config
 from .data import load_dataset
 from .plots import plot_runs
@@ -152,7 +153,6 @@ def format_results(rows: list[dict], cfg: Config) -> str:
 def _plot_grid(out: Path, algorithms, compressors, seeds) -> list[str]:
     """Accuracy curves averaged over seeds, one line per (algorithm, compressor); with sharpness
     measured, also λ_max bars and the first seed's 1-D landscapes. Returns the file names."""
-    import torch
 
     from .plots import plot_bars, plot_landscape_1d
 
@@ -174,7 +174,7 @@ def _plot_grid(out: Path, algorithms, compressors, seeds) -> list[str]:
             summaries = [json.loads((_run_dir(out, a, c, s) / "summary.json").read_text()) for s in seeds]
             if all("lambda_max" in x for x in summaries):
                 eigen[f"{a}/{c}"] = _mean_std([x["lambda_max"] for x in summaries])
-                land = torch.load(_run_dir(out, a, c, seeds[0]) / "landscape.pt", weights_only=True)
+                land = load_plain(_run_dir(out, a, c, seeds[0]) / "landscape.pt")
                 curves[f"{a}/{c}"] = (land["alphas"], land["loss_1d"])
     names = [p.name for p in plot_runs(runs, out)]
     if eigen and len(eigen) == len(runs):

@@ -21,6 +21,7 @@ __all__ = ["Config", "COMPRESSORS", "PARTITIONS", "PERTURBATION_MODES", "load_to
 COMPRESSORS = ("none", "topk", "randk", "sign", "qsgd", "3sfc", "fedsynth")
 PARTITIONS = ("dirichlet", "shards")
 PERTURBATION_MODES = ("client", "server")
+F32_MAX = 3.4028234663852886e38  # settings enter float32 arithmetic: larger ones overflow
 
 
 @dataclass
@@ -105,19 +106,19 @@ class Config:
             raise ValueError(f"per_round must be in [1, clients={self.clients}]; got {self.per_round}")
         for name, lo, hi, closed_lo in (
             ("ratio", 0.0, 1.0, False),
-            ("alpha", 0.0, float("inf"), False),
-            ("lr", 0.0, float("inf"), False),
-            ("server_lr", 0.0, float("inf"), False),
-            ("rho", 0.0, float("inf"), True),
-            ("weight_decay", 0.0, float("inf"), True),
+            ("alpha", 0.0, F32_MAX, False),
+            ("lr", 0.0, F32_MAX, False),
+            ("server_lr", 0.0, F32_MAX, False),
+            ("rho", 0.0, F32_MAX, True),
+            ("weight_decay", 0.0, F32_MAX, True),
             ("mofedsam_alpha", 0.0, 1.0, True),
-            ("syn_lr_images", 0.0, float("inf"), False),
-            ("syn_lr_labels", 0.0, float("inf"), True),
-            ("syn_lr_step", 0.0, float("inf"), True),
-            ("sfc_lr", 0.0, float("inf"), False),
-            ("fedsynth_lr", 0.0, float("inf"), False),
+            ("syn_lr_images", 0.0, F32_MAX, False),
+            ("syn_lr_labels", 0.0, F32_MAX, True),
+            ("syn_lr_step", 0.0, F32_MAX, True),
+            ("sfc_lr", 0.0, F32_MAX, False),
+            ("fedsynth_lr", 0.0, F32_MAX, False),
             ("dppf_alpha", 0.0, 1.0, False),
-            ("dppf_lambda", 0.0, float("inf"), True),
+            ("dppf_lambda", 0.0, F32_MAX, True),
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -125,7 +126,8 @@ class Config:
             ok = (v >= lo if closed_lo else v > lo) and v <= hi and v == v
             if not ok:
                 bracket = "[" if closed_lo else "("
-                raise ValueError(f"{name} must be in {bracket}{lo}, {hi}]; got {v!r}")
+                top = "3.4e38 (the largest float32)" if hi == F32_MAX else hi
+                raise ValueError(f"{name} must be in {bracket}{lo}, {top}]; got {v!r}")
         for name in ("error_feedback", "sfc_double_way"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false; got {getattr(self, name)!r}")
@@ -138,6 +140,8 @@ class Config:
                 f"syn_min_models must be in [syn_span+1={self.syn_span + 1}, syn_window={self.syn_window}]; "
                 f"got {self.syn_min_models}"
             )
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise ValueError(f"data_dir must be a path (a string); got {self.data_dir!r}")
         if self.dataset != "digits" and not self.data_dir:
             raise ValueError(f"dataset {self.dataset!r} is read from files: set data_dir (--data-dir)")
         return self

@@ -19,6 +19,7 @@ equal shards).
 from __future__ import annotations
 
 import gzip
+import importlib
 import io
 import pickle
 import struct
@@ -126,15 +127,85 @@ def _mnist_like(name: str, root: Path) -> Dataset:
     return Dataset(name, x_train, torch.from_numpy(arrays["train"][1]), x_test, torch.from_numpy(arrays["test"][1]), 10)
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+def _plain_dtype(*args):
+    dt = np.dtype(*args)
+    if dt.hasobject:
+        raise _RefusedGlobal(f"an array of Python objects (dtype {dt})")
+    return dt
+
+
+def _latin1_encode(text, encoding="utf-8", *rest):
+    # how Python 3 pickles bytes at protocol 2: _codecs.encode(str, "latin1"); no other codec
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or rest:
+        raise _RefusedGlobal(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _numpy_core(module: str):
+    try:  # numpy >= 2 pickles as numpy._core, numpy 1.x as numpy.core
+        return importlib.import_module(f"numpy._core.{module}")
+    except ImportError:  # pragma: no cover - numpy 1.x
+        return importlib.import_module(f"numpy.core.{module}")
+
+
+def _plain_scalar(dtype, *args):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise _RefusedGlobal("a numpy scalar of Python objects")
+    return _numpy_core("multiarray").scalar(dtype, *args)
+
+
+# The only callables a CIFAR-10 batch (dicts, lists, bytes, strings, numbers, numpy arrays) needs,
+# under the module names numpy 1.x and 2.x pickle them with.
+_SAFE_GLOBALS = {
+    ("_codecs", "encode"): _latin1_encode,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _plain_dtype,
+}
+for _core in ("numpy.core", "numpy._core"):
+    _SAFE_GLOBALS[(f"{_core}.multiarray", "_reconstruct")] = _numpy_core("multiarray")._reconstruct
+    _SAFE_GLOBALS[(f"{_core}.multiarray", "scalar")] = _plain_scalar
+    _SAFE_GLOBALS[(f"{_core}.numeric", "_frombuffer")] = _numpy_core("numeric")._frombuffer
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes, strings, numbers and numpy arrays; refuses any other callable."""
+
+    def find_class(self, module, name):
+        fn = _SAFE_GLOBALS.get((module, name))
+        if fn is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return fn
+
+
+def load_restricted_pickle(path: Path):
+    """``pickle.load`` that admits only plain data and numpy arrays (the CIFAR-10 batch format).
+
+    Raises ValueError naming ``path`` for a pickle that asks to call anything else (nothing of it
+    is run) and for a malformed one.
+    """
+    try:
+        with path.open("rb") as f:
+            return _RestrictedUnpickler(f, encoding="bytes").load()
+    except _RefusedGlobal as e:
+        raise ValueError(
+            f"{path}: refused: the pickle asks for {e}, which a CIFAR-10 batch never holds; nothing of it was run"
+        ) from None
+    except Exception as e:  # any other unpickling problem means a malformed file
+        raise ValueError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+
+
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"missing dataset file {path}")
+    batch = load_restricted_pickle(path)
     try:
-        with path.open("rb") as f:
-            batch = pickle.load(f, encoding="bytes")
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except Exception as e:  # any unpickling problem means a malformed file
+    except Exception as e:  # wrong keys or contents
         raise ValueError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise ValueError(f"{path}: data {data.shape} / labels {labels.shape}; expected [N, 3072] and [N]")
@@ -193,7 +264,10 @@ def dirichlet_partition(labels: Tensor, clients: int, alpha: float, seed: int, m
                 parts[client].extend(piece.tolist())
         if min(len(p) for p in parts) >= min_size:
             return [sorted(p) for p in parts]
-    raise RuntimeError(f"could not give every client {min_size} samples with alpha={alpha}; use a larger alpha")
+    raise ValueError(
+        f"alpha={alpha} gives some of the {clients} clients fewer than {min_size} samples in 1000 draws; "
+        "use a larger alpha or fewer clients"
+    )
 
 
 def shard_partition(labels: Tensor, clients: int, shards_per_client: int, seed: int) -> list[list[int]]:

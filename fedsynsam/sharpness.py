@@ -204,6 +204,7 @@ def measure_run(
     import json
     from pathlib import Path
 
+    from .checkpoint import load as load_plain
     from .config import Config
     from .data import load_dataset
     from .models import build_model
@@ -217,7 +218,7 @@ def measure_run(
     cfg = Config.from_dict(summary["config"], source=str(run_dir / "summary.json"))
     data = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
     model = build_model(cfg.model, data.input_shape, data.num_classes)
-    w = torch.load(run_dir / "final_model.pt", weights_only=True)["w"]
+    w = load_plain(run_dir / "final_model.pt")["w"]
     order = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))[:samples]
     obj = Objective(model, data.x_train[order], data.y_train[order], w)
     eig = top_eigenvalue(obj, max_iters=max_iters, tol=tol)

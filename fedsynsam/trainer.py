@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ import fedcomp
 from fedcomp.flat import flatten, unflatten
 
 from . import algorithms as alg
+from . import checkpoint as ckpt
 from .config import Config
 from .data import Dataset, dirichlet_partition, load_dataset, shard_partition
 from .models import build_model
@@ -112,8 +114,9 @@ class RunState:
 class Trainer:
     """One federated run. ``Trainer(cfg, out_dir).run()``; ``resume=True`` continues from the checkpoint."""
 
-    def __init__(self, cfg: Config, out_dir: str | Path | None = None, *, dataset: Dataset | None = None):
+    def __init__(self, cfg: Config, out_dir: str | Path | None = None, *, dataset: Dataset | None = None, log=None):
         self.cfg = cfg.validate()
+        self.log = log if log is not None else (lambda line: print(f"fedsynsam: {line}", file=sys.stderr))
         self.out = Path(out_dir) if out_dir is not None else None
         self.data = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
         torch.manual_seed(cfg.seed)
@@ -350,9 +353,7 @@ class Trainer:
         st.workers = {int(k): v.clone() for k, v in ckpt["workers"].items()}
 
     def _save_checkpoint(self) -> None:
-        tmp = self.out / "checkpoint.pt.tmp"
-        torch.save(self.checkpoint(), tmp)
-        os.replace(tmp, self.out / "checkpoint.pt")
+        ckpt.save(self.checkpoint(), self.out / ckpt.CHECKPOINT)
 
     # -- the run ---------------------------------------------------------------
     def run(self, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> list[dict]:
@@ -368,14 +369,20 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             metrics = self.out / "metrics.jsonl"
             if resume:
-                ckpt_path = self.out / "checkpoint.pt"
-                if not ckpt_path.is_file():
-                    raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-                self.load_checkpoint(torch.load(ckpt_path, weights_only=False))
+                state, used = ckpt.load_latest(self.out, log=self.log)
+                if used.name != ckpt.CHECKPOINT and (self.out / ckpt.CHECKPOINT).is_file():
+                    # keep the damaged file for inspection, out of the way of the next rotation
+                    os.replace(self.out / ckpt.CHECKPOINT, self.out / (ckpt.CHECKPOINT + ".bad"))
+                try:
+                    self.load_checkpoint(state)
+                except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+                    raise ckpt.CheckpointError(
+                        f"{used}: not a checkpoint of this trainer ({type(e).__name__}: {e})"
+                    ) from None
                 if metrics.is_file():
                     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
                 records = [r for r in records if r["round"] <= self.state.round]
-            elif metrics.exists() or (self.out / "checkpoint.pt").exists():
+            elif metrics.exists() or (self.out / ckpt.CHECKPOINT).exists():
                 raise FileExistsError(
                     f"{self.out} already holds a run; pass --resume to continue it or pick another --out"
                 )

@@ -34,3 +34,30 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None
         f"{what}: {bad.numel()} mismatches, first at {bad[:5].tolist()}: "
         f"got {actual[bad[:5]].tolist()}, expected {expected[bad[:5]].tolist()}"
     )
+
+
+def tiny_config(**overrides):
+    """A trainer setting small enough for 2-round runs, with FedSynSAM distilling from round 2 on."""
+    from fedsynsam.config import Config
+
+    values = dict(
+        rounds=2,
+        clients=4,
+        per_round=2,
+        local_steps=2,
+        alpha=0.5,
+        syn_min_models=2,
+        syn_span=1,
+        syn_window=4,
+        syn_period=1,
+        syn_iters=3,
+        syn_unroll=2,
+        syn_per_class=1,
+    )
+    values.update(overrides)
+    return Config(**values)
+
+
+def strip_seconds(records: list[dict]) -> list[dict]:
+    """Round records without their wall-clock field (the rest must be reproducible to the bit)."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
