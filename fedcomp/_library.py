@@ -33,6 +33,10 @@ SCHEMAS = {
     "qsgd": "qsgd(Tensor x, Tensor(a!)? residual, int levels, int bucket, int seed) -> (Tensor, Tensor)",
     "qsgd_decode": "qsgd_decode(Tensor packed, Tensor norms, int numel, int levels, int bucket) -> Tensor",
     "sparse_accumulate": "sparse_accumulate(Tensor(a!) out, Tensor indices, Tensor values, float alpha) -> ()",
+    "sign_accumulate": "sign_accumulate(Tensor(a!) out, Tensor packed, Tensor scales, int block, float alpha) -> ()",
+    "qsgd_accumulate": (
+        "qsgd_accumulate(Tensor(a!) out, Tensor packed, Tensor norms, int levels, int bucket, float alpha) -> ()"
+    ),
 }
 
 for _name, _schema in SCHEMAS.items():
@@ -84,4 +88,14 @@ def _(packed, norms, numel, levels, bucket):
 
 @torch.library.register_fake("fedcomp::sparse_accumulate")
 def _(out, indices, values, alpha):
+    return None
+
+
+@torch.library.register_fake("fedcomp::sign_accumulate")
+def _(out, packed, scales, block, alpha):
+    return None
+
+
+@torch.library.register_fake("fedcomp::qsgd_accumulate")
+def _(out, packed, norms, levels, bucket, alpha):
     return None

@@ -6,8 +6,9 @@
 * top-k / rand-k payloads are scattered straight into the accumulator with
   :func:`fedcomp.sparse_accumulate` (no dense decode at all);
 * identity payloads are added in place;
-* sign and QSGD payloads are decoded one at a time and added (peak memory:
-  the accumulator plus one decoded tensor). ``sign="majority"`` instead takes
+* sign and QSGD payloads are decoded straight into the accumulator with
+  :func:`fedcomp.sign_accumulate` / :func:`fedcomp.qsgd_accumulate` (one pass over
+  the codes, no dense tensor per client). ``sign="majority"`` instead takes
   the bitwise majority of the packed bits (signSGD with majority vote,
   :func:`fedcomp.sign_majority`) and the weighted sum of the block scales.
 """

@@ -1,7 +1,7 @@
 """Route ``fedcomp::<op>`` on CUDA tensors to the CUDA C++ kernels (``csrc/cuda``).
 
-The CUDA extension implements ``topk_ef``, ``sign_ef``, ``sign_decode`` and
-``sparse_accumulate`` for fp32. Everything else on CUDA tensors (other ops, fp16/bf16
+The CUDA extension implements ``topk_ef``, ``sign_ef``, ``sign_decode``,
+``sign_accumulate`` and ``sparse_accumulate`` for fp32. Everything else on CUDA tensors (other ops, fp16/bf16
 inputs) goes to the Triton kernels when Triton imports, else to the reference.
 """
 
@@ -13,7 +13,7 @@ from . import reference
 
 __all__ = ["register", "IMPLEMENTED"]
 
-IMPLEMENTED = ("topk_ef", "sign_ef", "sign_decode", "sparse_accumulate")
+IMPLEMENTED = ("topk_ef", "sign_ef", "sign_decode", "sign_accumulate", "sparse_accumulate")
 
 _registered: list[torch.library.Library] = []
 
@@ -27,7 +27,7 @@ def _fallback():
 
 
 def register() -> None:
-    """Serve the four CUDA-implemented ops on the CUDA dispatch key (call once the extension is loaded)."""
+    """Serve the CUDA-implemented ops on the CUDA dispatch key (call once the extension is loaded)."""
     if _registered:
         return
     other = _fallback()
@@ -53,4 +53,9 @@ def register() -> None:
     lib.impl("sign_ef", sign_ef, "CUDA")
     lib.impl("sign_decode", lambda packed, scales, numel, block: ext.sign_decode(packed, scales, numel, block), "CUDA")
     lib.impl("sparse_accumulate", sparse_accumulate, "CUDA")
+    lib.impl(
+        "sign_accumulate",
+        lambda out, packed, scales, block, alpha: ext.sign_accumulate(out, packed, scales, block, alpha),
+        "CUDA",
+    )
     _registered.append(lib)

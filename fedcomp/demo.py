@@ -51,8 +51,10 @@ def _agreement() -> list[list[object]]:
         x = torch.randn(n)
         r = torch.randn(n)
         r1, r2 = r.clone(), r.clone()
-        same_topk = all(torch.equal(a, b) for a, b in zip(ops.topk_ef(x, r1, max(1, n // 10)),
-                                                         reference.topk_ef(x, r2, max(1, n // 10))))
+        same_topk = all(
+            torch.equal(a, b)
+            for a, b in zip(ops.topk_ef(x, r1, max(1, n // 10)), reference.topk_ef(x, r2, max(1, n // 10)))
+        )
         same_topk &= torch.equal(r1, r2)
         p1, _ = ops.sign_ef(x, r.clone(), 64)
         p2, _ = reference.sign_ef(x, r.clone(), 64, False)
@@ -90,16 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         parser.error(f"--repeat must be >= 1; got {args.repeat}")
 
-    print(f"fedcomp demo: CPU backend = {_backend.cpu_backend()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
+    print(
+        f"fedcomp demo: CPU backend = {_backend.cpu_backend()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
     print("1. Compressing a 10^6-entry fp32 update (dense: 4,000,000 bytes)\n")
-    print(bench.format_table(["compressor", "payload bytes", "ratio", "decode + residual == x + residual_before"],
-                             _wire_sizes(10**6)))
+    print(
+        bench.format_table(
+            ["compressor", "payload bytes", "ratio", "decode + residual == x + residual_before"], _wire_sizes(10**6)
+        )
+    )
     print("\n2. Fused kernels against the reference (bit-for-bit)\n")
     print(bench.format_table(["n", "topk_ef", "sign_ef packed bits"], _agreement()))
     print(f"\n3. Speed at n = {args.n:,} (median of {args.repeat}; ms)\n")
-    print(bench.format_table(["op", "fused", "torch composite", "speed-up", "x add"],
-                             speed_table(args.n, args.repeat)))
+    print(bench.format_table(["op", "fused", "torch composite", "speed-up", "x add"], speed_table(args.n, args.repeat)))
     return 0
 
 

@@ -40,6 +40,8 @@ __all__ = [
     "qsgd",
     "qsgd_decode",
     "sparse_accumulate",
+    "sign_accumulate",
+    "qsgd_accumulate",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -185,9 +187,7 @@ def topk_threshold_ef(
 # --------------------------------------------------------------------------
 # sign
 # --------------------------------------------------------------------------
-def sign_ef(
-    x: Tensor, residual: Tensor | None, block: int | None = None, scale: str = "mean"
-) -> tuple[Tensor, Tensor]:
+def sign_ef(x: Tensor, residual: Tensor | None, block: int | None = None, scale: str = "mean") -> tuple[Tensor, Tensor]:
     """1-bit sign quantization with per-block scales and error feedback.
 
     ``a = x + residual`` (fp32). Per block of ``block`` contiguous entries (the last
@@ -318,10 +318,72 @@ def sparse_accumulate(out: Tensor, indices: Tensor, values: Tensor, alpha: float
     for name, t in (("indices", indices), ("values", values)):
         if t.device != out.device:
             raise ValueError(f"{name} must be on the device of out ({out.device}); got {t.device}")
+    alpha = _check_alpha(alpha)
+    _backend.backend_for(out.device.type)
+    _ops.sparse_accumulate(out, indices, values.detach(), alpha)
+    return out
+
+
+def _check_accumulator(out, packed) -> None:
+    _check_tensor("out", out, (torch.float32,))
+    if isinstance(packed, Tensor) and out.device != packed.device:
+        raise ValueError(f"out must be on the device of the payload (packed is on {packed.device}); got {out.device}")
+
+
+def _check_alpha(alpha) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a float; got {type(alpha).__name__}")
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be finite; got {alpha!r}")
-    _backend.backend_for(out.device.type)
-    _ops.sparse_accumulate(out, indices, values.detach(), float(alpha))
+    return float(alpha)
+
+
+def sign_accumulate(
+    out: Tensor, packed: Tensor, scales: Tensor, block: int | None = None, alpha: float = 1.0
+) -> Tensor:
+    """``out += alpha * sign_decode(packed, scales, out.numel(), block)`` in place, with no dense temporary.
+
+    Each entry gets ``out_i + fp32(alpha * scale_b * (+1 | -1))``: the product is rounded to fp32
+    before the add (no fused multiply-add), so the result equals decode-then-add
+    ``out.add_(alpha * decoded)`` to the bit on every backend.
+
+    Args:
+        out: ``[numel]`` float32 accumulator, contiguous, on the payload's device.
+        packed: ``[ceil(numel/8)]`` uint8 from :func:`sign_ef`.
+        scales: ``[ceil(numel/block)]`` float32.
+        block: the block size given to :func:`sign_ef` (``None``: one block).
+        alpha: finite weight (e.g. a client's ``1/m``).
+
+    Returns:
+        ``out``.
+    """
+    _check_accumulator(out, packed)
+    numel, block = _check_stream(packed, scales, out.numel(), block, 1, "scales")
+    alpha = _check_alpha(alpha)
+    _ops.sign_accumulate(out, packed, scales, block, alpha)
+    return out
+
+
+def qsgd_accumulate(
+    out: Tensor, packed: Tensor, norms: Tensor, levels: int, bucket: int | None = 512, alpha: float = 1.0
+) -> Tensor:
+    """``out += alpha * qsgd_decode(packed, norms, out.numel(), levels, bucket)`` in place, no dense temporary.
+
+    Each entry gets ``out_i + fp32(alpha * ((code - L) * norm_b / L))`` (the decoded value exactly as
+    :func:`qsgd_decode` computes it, the product rounded before the add): equal to decode-then-add
+    to the bit on every backend.
+
+    Args:
+        out: ``[numel]`` float32 accumulator on the payload's device.
+        packed, norms, levels, bucket: as returned by / given to :func:`qsgd`.
+        alpha: finite weight.
+
+    Returns:
+        ``out``.
+    """
+    _check_accumulator(out, packed)
+    levels = _check_int("levels", levels, 1, MAX_LEVELS)
+    numel, bucket = _check_stream(packed, norms, out.numel(), bucket, qsgd_bits(levels), "norms")
+    alpha = _check_alpha(alpha)
+    _ops.qsgd_accumulate(out, packed, norms, levels, bucket, alpha)
     return out

@@ -218,6 +218,12 @@ def sign_decode(packed: Tensor, scales: Tensor, numel: int, block: int) -> Tenso
     return torch.where(bits == 1, 1.0, -1.0) * scales.repeat_interleave(counts)
 
 
+def sign_accumulate(out: Tensor, packed: Tensor, scales: Tensor, block: int, alpha: float) -> None:
+    """``out += alpha * sign_decode(packed, scales, out.numel(), block)``; the product is rounded to
+    fp32 before the add (no fused multiply-add), as in :func:`sparse_accumulate`."""
+    out.add_(sign_decode(packed, scales, out.numel(), block) * alpha)
+
+
 def sign_majority(packed_stack: Tensor) -> Tensor:
     """Bitwise majority over the rows of a ``[m >= 1, nbytes]`` uint8 stack; ties give 1."""
     m, nbytes = packed_stack.shape
@@ -273,6 +279,11 @@ def qsgd_decode(packed: Tensor, norms: Tensor, numel: int, levels: int, bucket: 
     """Dense fp32 ``[numel]``: ``(code - L) * norm_b / L``."""
     codes = unpack_codes(packed, numel, qsgd_bits(levels))
     return _qsgd_values(codes, norms, numel, levels, bucket)
+
+
+def qsgd_accumulate(out: Tensor, packed: Tensor, norms: Tensor, levels: int, bucket: int, alpha: float) -> None:
+    """``out += alpha * qsgd_decode(packed, norms, out.numel(), levels, bucket)`` (product rounded first)."""
+    out.add_(qsgd_decode(packed, norms, out.numel(), levels, bucket) * alpha)
 
 
 # --------------------------------------------------------------------------

@@ -37,6 +37,8 @@ __all__ = [
     "qsgd_triton",
     "qsgd_decode_triton",
     "sparse_accumulate_triton",
+    "sign_accumulate_triton",
+    "qsgd_accumulate_triton",
     "LAUNCH_CONFIGS",
 ]
 
@@ -195,21 +197,43 @@ def sign_ef_triton(x: Tensor, residual: Tensor | None, block: int, l2: bool):
 
 
 @triton.jit
-def _sign_decode_kernel(packed_ptr, scales_ptr, out_ptr, n, block, T: tl.constexpr):
-    """out = scale_b * (+1 | -1). Traffic: reads 1/8 B, writes 4 B per element (4.125 B/elem, minimal)."""
+def _store_or_accumulate(out_ptr, offs, value, mask, alpha, ACC: tl.constexpr):
+    """ACC: out += alpha * value (product rounded first: fp fusion is off); else out = value."""
+    if ACC:
+        value = tl.load(out_ptr + offs, mask=mask, other=0.0) + value * alpha
+    tl.store(out_ptr + offs, value, mask=mask)
+
+
+@triton.jit
+def _sign_decode_kernel(packed_ptr, scales_ptr, out_ptr, n, block, alpha, ACC: tl.constexpr, T: tl.constexpr):
+    """out = scale_b * (+1 | -1), or (ACC) out += alpha * that.
+
+    Traffic: reads 1/8 B, writes 4 B per element (4.125 B/elem, minimal); ACC also reads out (8.125 B/elem,
+    against 16.125 for decode-then-add).
+    """
     offs = tl.program_id(0).to(tl.int64) * T + tl.arange(0, T)
     mask = offs < n
     byte = tl.load(packed_ptr + offs // 8, mask=mask, other=0).to(tl.int32)
     bit = (byte >> (offs % 8).to(tl.int32)) & 1
     scale = tl.load(scales_ptr + offs // block, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, tl.where(bit == 1, 1.0, -1.0) * scale, mask=mask)
+    _store_or_accumulate(out_ptr, offs, tl.where(bit == 1, 1.0, -1.0) * scale, mask, alpha, ACC)
+
+
+def _alpha32(alpha: float) -> float:
+    return float(torch.tensor(alpha, dtype=torch.float32))
 
 
 def sign_decode_triton(packed: Tensor, scales: Tensor, numel: int, block: int) -> Tensor:
     out = torch.empty(numel, dtype=torch.float32, device=packed.device)
     if numel:
-        _sign_decode_kernel[_grid(numel)](packed, scales, out, numel, block, T=TILE, **_OPTS)
+        _sign_decode_kernel[_grid(numel)](packed, scales, out, numel, block, 1.0, ACC=False, T=TILE, **_OPTS)
     return out
+
+
+def sign_accumulate_triton(out: Tensor, packed: Tensor, scales: Tensor, block: int, alpha: float) -> None:
+    n = out.numel()
+    if n:
+        _sign_decode_kernel[_grid(n)](packed, scales, out, n, block, _alpha32(alpha), ACC=True, T=TILE, **_OPTS)
 
 
 @triton.jit
@@ -296,8 +320,23 @@ def qsgd_triton(x: Tensor, residual: Tensor | None, levels: int, bucket: int, se
 
 
 @triton.jit
-def _qsgd_decode_kernel(packed_ptr, norms_ptr, out_ptr, n, nbytes, bucket, levels, W: tl.constexpr, T: tl.constexpr):
-    """(code - L) * norm / L. Traffic: reads w/8 B (from up to 3 bytes per code, cached), writes 4 B."""
+def _qsgd_decode_kernel(
+    packed_ptr,
+    norms_ptr,
+    out_ptr,
+    n,
+    nbytes,
+    bucket,
+    levels,
+    alpha,
+    ACC: tl.constexpr,
+    W: tl.constexpr,
+    T: tl.constexpr,
+):
+    """(code - L) * norm / L, or (ACC) out += alpha * that.
+
+    Traffic: reads w/8 B (from up to 3 bytes per code, cached), writes 4 B; ACC also reads out.
+    """
     offs = tl.program_id(0).to(tl.int64) * T + tl.arange(0, T)
     mask = offs < n
     bitpos = offs * W
@@ -309,16 +348,25 @@ def _qsgd_decode_kernel(packed_ptr, norms_ptr, out_ptr, n, nbytes, bucket, level
     code = (raw >> (bitpos % 8).to(tl.int32)) & ((1 << W) - 1)
     norm = tl.load(norms_ptr + offs // bucket, mask=mask, other=0.0)
     value = (code - levels).to(tl.float32) * norm
-    tl.store(out_ptr + offs, value / levels.to(tl.float32), mask=mask)
+    _store_or_accumulate(out_ptr, offs, value / levels.to(tl.float32), mask, alpha, ACC)
+
+
+def _qsgd_decode_launch(out, packed, norms, levels, bucket, alpha, acc: bool) -> None:
+    n = out.numel()
+    if n:
+        _qsgd_decode_kernel[_grid(n)](
+            packed, norms, out, n, packed.numel(), bucket, levels, alpha, ACC=acc, W=qsgd_bits(levels), T=TILE, **_OPTS
+        )
 
 
 def qsgd_decode_triton(packed: Tensor, norms: Tensor, numel: int, levels: int, bucket: int) -> Tensor:
     out = torch.empty(numel, dtype=torch.float32, device=packed.device)
-    if numel:
-        _qsgd_decode_kernel[_grid(numel)](
-            packed, norms, out, numel, packed.numel(), bucket, levels, W=qsgd_bits(levels), T=TILE, **_OPTS
-        )
+    _qsgd_decode_launch(out, packed, norms, levels, bucket, 1.0, False)
     return out
+
+
+def qsgd_accumulate_triton(out: Tensor, packed: Tensor, norms: Tensor, levels: int, bucket: int, alpha: float) -> None:
+    _qsgd_decode_launch(out, packed, norms, levels, bucket, _alpha32(alpha), True)
 
 
 # --------------------------------------------------------------------------
@@ -343,8 +391,7 @@ def sparse_accumulate_triton(out: Tensor, indices: Tensor, values: Tensor, alpha
     if m == 0:
         return
     check_indices(indices, out.numel())  # one host sync, as in the reference
-    alpha32 = float(torch.tensor(alpha, dtype=torch.float32))
-    _sparse_accumulate_kernel[_grid(m)](out, indices, values, m, alpha32, T=TILE, **_OPTS)
+    _sparse_accumulate_kernel[_grid(m)](out, indices, values, m, _alpha32(alpha), T=TILE, **_OPTS)
 
 
 # --------------------------------------------------------------------------
@@ -360,8 +407,9 @@ def _topk_keys_kernel(x_ptr, r_ptr, keys_ptr, n, HAS_R: tl.constexpr, T: tl.cons
     mask = offs < n
     a = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if HAS_R:
-        a = _to_storage(a.to(tl.float32) + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32),
-                        x_ptr.dtype.element_ty)
+        a = _to_storage(
+            a.to(tl.float32) + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32), x_ptr.dtype.element_ty
+        )
         tl.store(r_ptr + offs, a, mask=mask)
     tl.store(keys_ptr + offs, _abs_key(a.to(tl.float32)), mask=mask)
 
@@ -686,14 +734,15 @@ def _configs() -> list[tuple[str, object, dict, dict, dict]]:
                     {"HAS_R": has_r, "AT_LEAST": at_least, "T": TILE},
                 )
             )
-    out.append(
-        (
-            "sign_decode",
-            _sign_decode_kernel,
-            {"packed_ptr": "*u8", "scales_ptr": f32, "out_ptr": f32, "n": i64, "block": i64},
-            {"T": TILE},
+    for acc in (False, True):
+        out.append(
+            (
+                "sign_accumulate" if acc else "sign_decode",
+                _sign_decode_kernel,
+                {"packed_ptr": "*u8", "scales_ptr": f32, "out_ptr": f32, "n": i64, "block": i64, "alpha": "fp32"},
+                {"ACC": acc, "T": TILE},
+            )
         )
-    )
     out.append(
         (
             "sign_majority",
@@ -703,22 +752,24 @@ def _configs() -> list[tuple[str, object, dict, dict, dict]]:
         )
     )
     for w in (2, 4, 16):
-        out.append(
-            (
-                f"qsgd_decode[w={w}]",
-                _qsgd_decode_kernel,
-                {
-                    "packed_ptr": "*u8",
-                    "norms_ptr": f32,
-                    "out_ptr": f32,
-                    "n": i64,
-                    "nbytes": i64,
-                    "bucket": i64,
-                    "levels": i32,
-                },
-                {"W": w, "T": TILE},
+        for acc in (False, True):
+            out.append(
+                (
+                    f"qsgd_{'accumulate' if acc else 'decode'}[w={w}]",
+                    _qsgd_decode_kernel,
+                    {
+                        "packed_ptr": "*u8",
+                        "norms_ptr": f32,
+                        "out_ptr": f32,
+                        "n": i64,
+                        "nbytes": i64,
+                        "bucket": i64,
+                        "levels": i32,
+                        "alpha": "fp32",
+                    },
+                    {"ACC": acc, "W": w, "T": TILE},
+                )
             )
-        )
     out.append(
         (
             "sparse_accumulate",
@@ -792,4 +843,6 @@ HOT_KERNELS = (
     "sign_decode",
     "qsgd_decode",
     "sparse_accumulate",
+    "sign_accumulate",
+    "qsgd_accumulate",
 )

@@ -359,7 +359,9 @@ class Payload:
         raise ValueError(f"a {self.kind} payload is not sparse")
 
     def accumulate_into(self, out: Tensor, alpha: float = 1.0) -> Tensor:
-        """``out += alpha * decode()`` without a dense temporary for sparse kinds.
+        """``out += alpha * decode()`` with no dense temporary: sparse kinds scatter, sign and QSGD
+        payloads are decoded straight into ``out`` (:func:`fedcomp.sign_accumulate`,
+        :func:`fedcomp.qsgd_accumulate`).
 
         Args:
             out: ``[numel]`` float32 on the payload's device.
@@ -368,8 +370,11 @@ class Payload:
             raise ValueError(f"out must have {self.numel} entries; got {out.numel()}")
         if self.kind in ("topk", "randk"):
             return ops.sparse_accumulate(out, self.indices(), self.sections[0], alpha)
-        dense = self.sections[0] if self.kind == "identity" else self._decode_quantized()
-        return out.add_(dense, alpha=alpha)
+        if self.kind == "sign":
+            return ops.sign_accumulate(out, *self.sections, self.params["block"], alpha)
+        if self.kind == "qsgd":
+            return ops.qsgd_accumulate(out, *self.sections, self.params["levels"], self.params["bucket"], alpha)
+        return out.add_(self.sections[0], alpha=alpha)
 
     def _decode_quantized(self) -> Tensor:
         packed, scales = self.sections

@@ -111,7 +111,7 @@ def _compare(args) -> int:
         try:
             seeds = [int(s) for s in _csv_list(args.seeds)]
         except ValueError:
-            raise SystemExit(f"--seeds must be comma-separated integers; got {args.seeds!r}") from None
+            raise ValueError(f"--seeds must be comma-separated integers; got {args.seeds!r}") from None
     else:
         seeds = grid.get("seeds", [0])
     run_grid(base, algorithms, compressors, seeds, Path(args.out), progress=not args.quiet, sharpness=args.sharpness)

@@ -1,6 +1,8 @@
-"""sparse_accumulate against the reference."""
+"""sparse_accumulate, sign_accumulate and qsgd_accumulate against the reference."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -50,3 +52,83 @@ def test_sparse_accumulate_out_of_range_raises_index_error(backend, bad):
         fedcomp.sparse_accumulate(out, torch.tensor([0, bad]), torch.ones(2))
     with pytest.raises(IndexError, match=r"indices must lie in \[0, 4\)"):
         reference.sparse_accumulate(out, torch.tensor([0, bad]), torch.ones(2), 1.0)
+
+
+# -- decoding straight into the accumulator -----------------------------------------------
+ACC_BLOCKS = [None, 1, 3, 8, 100, 70_001]
+ALPHAS = [1.0, 0.1, -0.37, 1e-3]
+
+
+def _acc_start(n: int) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(n + 11))
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_sign_accumulate_equals_decode_then_add_to_the_bit(backend, n):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    for block in ACC_BLOCKS:
+        b = max(n, 1) if block is None else block
+        packed, scales = fedcomp.sign_ef(x, None, block)
+        for alpha in ALPHAS:
+            out, expected = _acc_start(n), _acc_start(n)
+            assert fedcomp.sign_accumulate(out, packed, scales, block, alpha) is out
+            expected.add_(alpha * reference.sign_decode(packed, scales, n, b))  # decode, then add
+            assert_same(out, expected, f"block={block}, alpha={alpha}")
+            ref = _acc_start(n)
+            reference.sign_accumulate(ref, packed, scales, b, alpha)
+            assert_same(ref, expected, "reference")
+
+
+@pytest.mark.parametrize("levels", [1, 4, 127, 300])
+@pytest.mark.parametrize("n", SIZES)
+def test_qsgd_accumulate_equals_decode_then_add_to_the_bit(backend, n, levels):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n + levels))
+    for bucket in (None, 7, 512):
+        b = max(n, 1) if bucket is None else bucket
+        packed, norms = fedcomp.qsgd(x, None, levels, bucket, seed=n)
+        for alpha in (1.0, 0.3):
+            out, expected = _acc_start(n), _acc_start(n)
+            fedcomp.qsgd_accumulate(out, packed, norms, levels, bucket, alpha)
+            expected.add_(alpha * reference.qsgd_decode(packed, norms, n, levels, b))
+            assert_same(out, expected, f"bucket={bucket}, alpha={alpha}")
+
+
+def test_accumulating_many_sign_payloads_equals_the_dense_weighted_sum(backend):
+    n, clients = 10_007, 6
+    out, expected = torch.zeros(n), torch.zeros(n)
+    for c in range(clients):
+        x = torch.randn(n, generator=torch.Generator().manual_seed(c))
+        packed, scales = fedcomp.sign_ef(x, None, 64)
+        fedcomp.sign_accumulate(out, packed, scales, 64, 1 / clients)
+        expected.add_(fedcomp.sign_decode(packed, scales, n, 64) * (1 / clients))
+    assert_same(out, expected, "sum of 6 clients")
+
+
+ACC_BAD = [
+    (lambda: fedcomp.sign_accumulate(torch.zeros(8).half(), torch.zeros(1, dtype=torch.uint8), torch.ones(1)),
+     TypeError, "out must have dtype float32"),
+    (lambda: fedcomp.sign_accumulate(torch.zeros(9), torch.zeros(1, dtype=torch.uint8), torch.ones(1)),
+     ValueError, "packed must hold 2 bytes for numel=9"),
+    (lambda: fedcomp.sign_accumulate(torch.zeros(8), torch.zeros(1, dtype=torch.uint8), torch.ones(2), 8),
+     ValueError, "scales must hold 1 entries"),
+    (lambda: fedcomp.sign_accumulate(torch.zeros(8, device="meta"), torch.zeros(1, dtype=torch.uint8),
+                                     torch.ones(1)), ValueError, "out must be on the device of the payload"),
+    (lambda: fedcomp.sign_accumulate(torch.zeros(8), torch.zeros(1, dtype=torch.uint8), torch.ones(1), 0),
+     ValueError, "block must be in"),
+    (lambda: fedcomp.sign_accumulate(torch.zeros(8), torch.zeros(1, dtype=torch.uint8), torch.ones(1),
+                                     alpha=float("inf")), ValueError, "alpha must be finite"),
+    (lambda: fedcomp.sign_accumulate(torch.zeros(2, 4), torch.zeros(1, dtype=torch.uint8), torch.ones(1)),
+     ValueError, "out must be 1-D"),
+    (lambda: fedcomp.qsgd_accumulate(torch.zeros(8), torch.zeros(5, dtype=torch.uint8), torch.ones(1), 4, None),
+     ValueError, "packed must hold 4 bytes"),
+    (lambda: fedcomp.qsgd_accumulate(torch.zeros(8), torch.zeros(4, dtype=torch.uint8), torch.ones(1), 0, None),
+     ValueError, "levels must be in [1, 32768]"),
+    (lambda: fedcomp.qsgd_accumulate(torch.zeros(8), torch.zeros(4, dtype=torch.uint8), torch.ones(1), 4, None,
+                                     alpha="x"), TypeError, "alpha must be a float"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("call, exc, text", ACC_BAD, ids=[t for _, _, t in ACC_BAD])
+def test_accumulate_bad_input_names_the_argument(call, exc, text):
+    with pytest.raises(exc, match=re.escape(text)):
+        call()

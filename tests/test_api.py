@@ -43,8 +43,11 @@ BAD_INPUT = [
     (lambda: fedcomp.sign_ef(x8, r8, 0), ValueError, "block must be in"),
     (lambda: fedcomp.sign_ef(x8, r8, -4), ValueError, "block must be in"),
     (lambda: fedcomp.sign_ef(x8, r8, 4, scale="max"), ValueError, "scale must be 'mean' or 'l2'"),
-    (lambda: fedcomp.sign_decode(torch.zeros(2, dtype=torch.uint8), scales1, 8), ValueError,
-     "packed must hold 1 bytes"),
+    (
+        lambda: fedcomp.sign_decode(torch.zeros(2, dtype=torch.uint8), scales1, 8),
+        ValueError,
+        "packed must hold 1 bytes",
+    ),
     (lambda: fedcomp.sign_decode(packed1, torch.ones(2), 8, None), ValueError, "scales must hold 1 entries"),
     (lambda: fedcomp.sign_decode(packed1.long(), scales1, 8), TypeError, "packed must have dtype uint8"),
     (lambda: fedcomp.sign_decode(packed1, scales1, -1), ValueError, "numel must be in"),
@@ -53,15 +56,23 @@ BAD_INPUT = [
     (lambda: fedcomp.qsgd(x8, r8, 0), ValueError, "levels must be in [1, 32768]"),
     (lambda: fedcomp.qsgd(x8, r8, 4, 0), ValueError, "bucket must be in"),
     (lambda: fedcomp.qsgd(x8, r8, 4, 4, seed=1, generator=torch.Generator()), ValueError, "not both"),
-    (lambda: fedcomp.qsgd_decode(torch.zeros(5, dtype=torch.uint8), scales1, 8, 4, None), ValueError,
-     "packed must hold 4 bytes"),
-    (lambda: fedcomp.sparse_accumulate(x8.half(), torch.tensor([0]), torch.ones(1)), TypeError,
-     "out must have dtype float32"),
-    (lambda: fedcomp.sparse_accumulate(x8, torch.tensor([0.0]), torch.ones(1)), TypeError,
-     "indices must have dtype"),
+    (
+        lambda: fedcomp.qsgd_decode(torch.zeros(5, dtype=torch.uint8), scales1, 8, 4, None),
+        ValueError,
+        "packed must hold 4 bytes",
+    ),
+    (
+        lambda: fedcomp.sparse_accumulate(x8.half(), torch.tensor([0]), torch.ones(1)),
+        TypeError,
+        "out must have dtype float32",
+    ),
+    (lambda: fedcomp.sparse_accumulate(x8, torch.tensor([0.0]), torch.ones(1)), TypeError, "indices must have dtype"),
     (lambda: fedcomp.sparse_accumulate(x8, torch.tensor([0, 1]), torch.ones(1)), ValueError, "same length"),
-    (lambda: fedcomp.sparse_accumulate(x8, torch.tensor([0]), torch.ones(1), float("nan")), ValueError,
-     "alpha must be finite"),
+    (
+        lambda: fedcomp.sparse_accumulate(x8, torch.tensor([0]), torch.ones(1), float("nan")),
+        ValueError,
+        "alpha must be finite",
+    ),
     (lambda: fedcomp.sparse_accumulate(x8, torch.tensor([0]), torch.ones(1), "1"), TypeError, "alpha must be a float"),
 ]
 
@@ -93,6 +104,14 @@ def _opcheck_samples():
         ("qsgd", (x, torch.randn(1000), 4, 128, 5)),
         ("qsgd_decode", (torch.randint(0, 255, (500,), dtype=torch.uint8), torch.rand(8), 1000, 4, 128)),
         ("sparse_accumulate", (torch.zeros(1000), torch.randint(0, 1000, (50,)), torch.randn(50), 0.5)),
+        (
+            "sign_accumulate",
+            (torch.randn(1000), torch.randint(0, 255, (125,), dtype=torch.uint8), torch.rand(16), 64, 0.3),
+        ),
+        (
+            "qsgd_accumulate",
+            (torch.randn(1000), torch.randint(0, 255, (500,), dtype=torch.uint8), torch.rand(8), 4, 128, 0.3),
+        ),
     ]
 
 
@@ -179,8 +198,11 @@ def test_failed_build_forced_cpu_raises_and_auto_falls_back_with_one_warning(tmp
     forced = _run(SNIPPET, FEDCOMP_BACKEND="cpu", **broken)
     assert forced.returncode != 0
     assert "BackendUnavailable: FEDCOMP_BACKEND=cpu but the C++ CPU kernels could not be built" in forced.stderr
-    auto = _run("import warnings; warnings.simplefilter('always')\n" + SNIPPET + SNIPPET.split("\n", 3)[3],
-                FEDCOMP_BACKEND="auto", **broken)
+    auto = _run(
+        "import warnings; warnings.simplefilter('always')\n" + SNIPPET + SNIPPET.split("\n", 3)[3],
+        FEDCOMP_BACKEND="auto",
+        **broken,
+    )
     assert auto.returncode == 0, auto.stderr
     assert auto.stdout.split()[:4] == ["reference", "[0,", "1,", "9]"]
     assert auto.stderr.count("C++ CPU kernels unavailable") == 1
@@ -201,8 +223,15 @@ def test_build_cache_is_keyed_by_torch_and_sources():
 def test_env_report_lists_what_was_found(backend):
     out = subprocess.run([sys.executable, "-m", "fedcomp.env"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    for item in ("torch", "c++ compiler", "ninja", "nvcc", "triton", "CPU kernels built for this torch",
-                 "CPU tensors use"):
+    for item in (
+        "torch",
+        "c++ compiler",
+        "ninja",
+        "nvcc",
+        "triton",
+        "CPU kernels built for this torch",
+        "CPU tensors use",
+    ):
         assert item in out.stdout
     rows = dict(re.match(r"^(.*?)\s{2,}(.*)$", line).groups() for line in out.stdout.splitlines())
     assert rows["CPU tensors use"] == "cpu"

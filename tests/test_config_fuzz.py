@@ -147,5 +147,6 @@ def command_lines(draw) -> list[str]:
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(argv=command_lines())
+@example(argv=["compare", "--out", "grid", "--algorithms", "fedavg", *BASE, "--seeds", "0.5"])  # exited 1, no error:
 def test_fuzzed_command_lines_give_a_run_or_a_one_line_error(argv):
     _check(*_run_cli(argv))

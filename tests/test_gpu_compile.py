@@ -61,7 +61,8 @@ def test_cuda_file_compiles_with_nvcc_for_sm80_and_sm90():
             "compact_kernel",
             "block_stat_kernel",
             "sign_codes_kernel",
-            "sign_decode_kernel",
+            "sign_decode_kernel<false>",
+            "sign_decode_kernel<true>",
             "sparse_accumulate_kernel",
         ):
             assert kernel in names, (arch, kernel, names)

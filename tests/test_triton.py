@@ -126,6 +126,30 @@ def test_sparse_accumulate_distinct_indices(dtype, index_dtype):
         T.sparse_accumulate_triton(o1, torch.tensor([0, 5000]), torch.ones(2), 1.0)
 
 
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("block", [1, 7, 64, None])
+def test_sign_accumulate_equals_decode_then_add(n, block):
+    block = n if block is None else block
+    x, _ = make_input(n, torch.float32, seed=n + 5)
+    packed, scales = reference.sign_ef(x, None, block, False)
+    for alpha in (1.0, -0.37):
+        out = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        expected = out.clone().add_(alpha * reference.sign_decode(packed, scales, n, block))
+        T.sign_accumulate_triton(out, packed, scales, block, alpha)
+        assert_same(out, expected, f"alpha={alpha}")
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("levels, bucket", [(1, 64), (4, 7), (300, 100), (32768, 1000)])
+def test_qsgd_accumulate_equals_decode_then_add(n, levels, bucket):
+    x, _ = make_input(n, torch.float32, seed=n + 6)
+    packed, norms = reference.qsgd(x, None, levels, bucket, 99)
+    out = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    expected = out.clone().add_(0.3 * reference.qsgd_decode(packed, norms, n, levels, bucket))
+    T.qsgd_accumulate_triton(out, packed, norms, levels, bucket, 0.3)
+    assert_same(out, expected, "accumulated")
+
+
 def test_empty_inputs():
     x = torch.zeros(0)
     v, i = T.topk_ef_triton(x, torch.zeros(0), 0, torch.int64)

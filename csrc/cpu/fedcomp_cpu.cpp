@@ -489,10 +489,23 @@ void quantize_blocks(const scalar_t* x, scalar_t* r, int64_t n, int64_t block, c
 
 // Dense decode: each work item walks its range block by block (one scale per
 // inner loop, no division per entry). 1-bit codes are read straight from
-// their byte; wider codes through a sequential bit reader.
-template <typename Policy>
+// their byte; wider codes through a sequential bit reader. `Store` decides
+// what happens to each decoded value: DecodeStore writes it (sign_decode,
+// qsgd_decode), AccumulateStore adds alpha times it into out (the *_accumulate
+// ops; the product is rounded before the add, built with -ffp-contract=off).
+struct DecodeStore {
+  float* out;
+  void operator()(int64_t i, float v) const { out[i] = v; }
+};
+struct AccumulateStore {
+  float* out;
+  float alpha;
+  void operator()(int64_t i, float v) const { out[i] = out[i] + alpha * v; }
+};
+
+template <typename Policy, typename Store>
 void dequantize_blocks(const uint8_t* packed, const float* scales, int64_t n, int64_t block,
-                       const Policy& p, float* out) {
+                       const Policy& p, const Store& out) {
   const int w = p.bits();
   const uint32_t mask = (1u << w) - 1u;
   for_chunks(n, kChunk, [&](int64_t, int64_t b, int64_t e) {
@@ -505,12 +518,12 @@ void dequantize_blocks(const uint8_t* packed, const float* scales, int64_t n, in
       if (w == 1) {
         auto bit = [&](int64_t i) { return (packed[i >> 3] >> (i & 7)) & 1u; };
         int64_t i = s;
-        for (; i < t && (i & 7); ++i) out[i] = p.value(bit(i), scale);
+        for (; i < t && (i & 7); ++i) out(i, p.value(bit(i), scale));
         for (; i + 8 <= t; i += 8) {  // one byte, eight entries, constant shifts
           const uint32_t byte = packed[i >> 3];
-          for (int j = 0; j < 8; ++j) out[i + j] = p.value((byte >> j) & 1u, scale);
+          for (int j = 0; j < 8; ++j) out(i + j, p.value((byte >> j) & 1u, scale));
         }
-        for (; i < t; ++i) out[i] = p.value(bit(i), scale);
+        for (; i < t; ++i) out(i, p.value(bit(i), scale));
       } else {
         for (int64_t i = s; i < t; ++i) {
           while (nacc < w + skip) {
@@ -520,7 +533,7 @@ void dequantize_blocks(const uint8_t* packed, const float* scales, int64_t n, in
           acc >>= skip;
           nacc -= skip;
           skip = 0;
-          out[i] = p.value(static_cast<uint32_t>(acc) & mask, scale);
+          out(i, p.value(static_cast<uint32_t>(acc) & mask, scale));
           acc >>= w;
           nacc -= w;
         }
@@ -549,14 +562,32 @@ std::tuple<Tensor, Tensor> quantize_cpu(const Tensor& x, const std::optional<Ten
 }
 
 template <typename Policy>
+void check_stream(const Tensor& packed, const Tensor& scales, int64_t numel, int64_t block, const Policy& p) {
+  TORCH_CHECK(block >= 1 && packed.is_contiguous() && scales.is_contiguous() &&
+                  packed.numel() == ceil_div(numel * p.bits(), 8) && scales.numel() == ceil_div(numel, block),
+              "fedcomp: packed/scales length does not match numel");
+}
+
+template <typename Policy>
 Tensor dequantize_cpu(const Tensor& packed, const Tensor& scales, int64_t numel, int64_t block,
                       const Policy& p) {
-  TORCH_CHECK(packed.numel() == ceil_div(numel * p.bits(), 8) && scales.numel() == ceil_div(numel, block),
-              "fedcomp: packed/scales length does not match numel");
+  check_stream(packed, scales, numel, block, p);
   Tensor out = at::empty({numel}, scales.options().dtype(at::kFloat));
   dequantize_blocks(packed.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(), numel, block, p,
-                    out.data_ptr<float>());
+                    DecodeStore{out.data_ptr<float>()});
   return out;
+}
+
+// out += alpha * decode, in the same single pass over the codes (no dense temporary).
+// Traffic: reads w/8 B of codes and 4 B of out, writes 4 B per element.
+template <typename Policy>
+void accumulate_cpu(const Tensor& out, const Tensor& packed, const Tensor& scales, int64_t block, double alpha,
+                    const Policy& p) {
+  TORCH_CHECK(out.dim() == 1 && out.is_contiguous() && out.scalar_type() == at::kFloat,
+              "fedcomp: out must be a contiguous 1-D float32 tensor");
+  check_stream(packed, scales, out.numel(), block, p);
+  dequantize_blocks(packed.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(), out.numel(), block, p,
+                    AccumulateStore{out.data_ptr<float>(), static_cast<float>(alpha)});
 }
 
 std::tuple<Tensor, Tensor> sign_ef_cpu(const Tensor& x, const std::optional<Tensor>& residual,
@@ -567,6 +598,11 @@ std::tuple<Tensor, Tensor> sign_ef_cpu(const Tensor& x, const std::optional<Tens
 
 Tensor sign_decode_cpu(const Tensor& packed, const Tensor& scales, int64_t numel, int64_t block) {
   return dequantize_cpu(packed, scales, numel, block, SignPolicy<false>{});
+}
+
+void sign_accumulate_cpu(const Tensor& out, const Tensor& packed, const Tensor& scales, int64_t block,
+                         double alpha) {
+  accumulate_cpu(out, packed, scales, block, alpha, SignPolicy<false>{});
 }
 
 std::tuple<Tensor, Tensor> qsgd_cpu(const Tensor& x, const std::optional<Tensor>& residual,
@@ -580,6 +616,12 @@ Tensor qsgd_decode_cpu(const Tensor& packed, const Tensor& norms, int64_t numel,
                        int64_t bucket) {
   const int lv = static_cast<int>(levels);
   return dequantize_cpu(packed, norms, numel, bucket, QsgdPolicy{lv, qsgd_bits(lv), 0});
+}
+
+void qsgd_accumulate_cpu(const Tensor& out, const Tensor& packed, const Tensor& norms, int64_t levels,
+                         int64_t bucket, double alpha) {
+  const int lv = static_cast<int>(levels);
+  accumulate_cpu(out, packed, norms, bucket, alpha, QsgdPolicy{lv, qsgd_bits(lv), 0});
 }
 
 // ===========================================================================
@@ -661,6 +703,8 @@ TORCH_LIBRARY_IMPL(fedcomp, CPU, m) {
   m.impl("qsgd", &qsgd_cpu);
   m.impl("qsgd_decode", &qsgd_decode_cpu);
   m.impl("sparse_accumulate", &sparse_accumulate_cpu);
+  m.impl("sign_accumulate", &sign_accumulate_cpu);
+  m.impl("qsgd_accumulate", &qsgd_accumulate_cpu);
 }
 
 }  // namespace fedcomp

@@ -1,4 +1,4 @@
-// CUDA kernels for topk_ef, sign_ef, sign_decode and sparse_accumulate. Framework-free:
+// CUDA kernels for topk_ef, sign_ef, sign_decode, sign_accumulate and sparse_accumulate. Framework-free:
 // compiled by nvcc alone (no torch headers); csrc/cuda/fedcomp_cuda_torch.cu binds them to
 // the fedcomp ops when torch has CUDA. Global-memory traffic per fp32 element is stated
 // next to each kernel.
@@ -64,12 +64,18 @@ __global__ void sign_codes_kernel(const float* __restrict__ x, float* __restrict
   packed[byte] = static_cast<uint8_t>(bits);
 }
 
-// Traffic: reads 1/8 B, writes 4 B per element: 4.125 B/elem (minimal).
+// kAcc = false (sign_decode): out = scale_b * (+1 | -1).
+//   Traffic: reads 1/8 B, writes 4 B per element: 4.125 B/elem (minimal).
+// kAcc = true (sign_accumulate): out += alpha * that, the product rounded before the add
+//   (__fmul_rn / __fadd_rn are never contracted into an FMA), so it equals decode-then-add.
+//   Traffic: reads 1/8 B and out (4 B), writes 4 B: 8.125 B/elem, against 16.125 for decode-then-add.
+template <bool kAcc>
 __global__ void sign_decode_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ scales, int64_t n,
-                                   int64_t block, float* __restrict__ out) {
+                                   int64_t block, float alpha, float* __restrict__ out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  out[i] = sign_value((packed[i >> 3] >> (i & 7)) & 1u, scales[i / block]);
+  const float v = sign_value((packed[i >> 3] >> (i & 7)) & 1u, scales[i / block]);
+  out[i] = kAcc ? __fadd_rn(out[i], __fmul_rn(alpha, v)) : v;
 }
 
 // Traffic: reads index (8 B) and value (4 B), one 4-byte atomic read-modify-write per entry.
@@ -278,7 +284,15 @@ cudaError_t sign_ef(const float* x, float* residual, int64_t n, int64_t block, b
 cudaError_t sign_decode(const uint8_t* packed, const float* scales, int64_t numel, int64_t block, float* out,
                         cudaStream_t stream) {
   if (numel == 0) return cudaSuccess;
-  sign_decode_kernel<<<ceil_div(numel, kThreads), kThreads, 0, stream>>>(packed, scales, numel, block, out);
+  sign_decode_kernel<false><<<ceil_div(numel, kThreads), kThreads, 0, stream>>>(packed, scales, numel, block, 1.f, out);
+  return cudaGetLastError();
+}
+
+cudaError_t sign_accumulate(float* out, int64_t numel, const uint8_t* packed, const float* scales, int64_t block,
+                            float alpha, cudaStream_t stream) {
+  if (numel == 0) return cudaSuccess;
+  sign_decode_kernel<true><<<ceil_div(numel, kThreads), kThreads, 0, stream>>>(packed, scales, numel, block, alpha,
+                                                                               out);
   return cudaGetLastError();
 }
 

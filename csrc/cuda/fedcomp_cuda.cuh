@@ -27,6 +27,10 @@ cudaError_t sign_ef(const float* x, float* residual, int64_t n, int64_t block, b
 cudaError_t sign_decode(const uint8_t* packed, const float* scales, int64_t numel, int64_t block, float* out,
                         cudaStream_t stream);
 
+// out[numel] += alpha * scale_b * (+1 | -1), the product rounded to fp32 before the add.
+cudaError_t sign_accumulate(float* out, int64_t numel, const uint8_t* packed, const float* scales, int64_t block,
+                            float alpha, cudaStream_t stream);
+
 // out[indices[j]] += alpha * values[j] (fp32 atomics; exact for distinct indices).
 cudaError_t sparse_accumulate(float* out, const int64_t* indices, const float* values, int64_t m, float alpha,
                               cudaStream_t stream);

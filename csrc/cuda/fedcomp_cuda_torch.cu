@@ -48,6 +48,14 @@ Tensor sign_decode_cuda(const Tensor& packed, const Tensor& scales, int64_t nume
   return out;
 }
 
+void sign_accumulate_cuda(const Tensor& out, const Tensor& packed, const Tensor& scales, int64_t block,
+                          double alpha) {
+  check(fedcomp::cuda::sign_accumulate(out.data_ptr<float>(), out.numel(), packed.data_ptr<uint8_t>(),
+                                       scales.data_ptr<float>(), block, static_cast<float>(alpha),
+                                       at::cuda::getCurrentCUDAStream()),
+        "sign_accumulate");
+}
+
 void sparse_accumulate_cuda(const Tensor& out, const Tensor& indices, const Tensor& values, double alpha) {
   check(fedcomp::cuda::sparse_accumulate(out.data_ptr<float>(), indices.data_ptr<int64_t>(), values.data_ptr<float>(),
                                          indices.numel(), static_cast<float>(alpha),
@@ -62,6 +70,7 @@ TORCH_LIBRARY(fedcomp_cuda, m) {
   m.def("sign_ef(Tensor x, Tensor(a!)? residual, int block, bool l2) -> (Tensor, Tensor)");
   m.def("sign_decode(Tensor packed, Tensor scales, int numel, int block) -> Tensor");
   m.def("sparse_accumulate(Tensor(a!) out, Tensor indices, Tensor values, float alpha) -> ()");
+  m.def("sign_accumulate(Tensor(a!) out, Tensor packed, Tensor scales, int block, float alpha) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fedcomp_cuda, CUDA, m) {
@@ -69,4 +78,5 @@ TORCH_LIBRARY_IMPL(fedcomp_cuda, CUDA, m) {
   m.impl("sign_ef", &sign_ef_cuda);
   m.impl("sign_decode", &sign_decode_cuda);
   m.impl("sparse_accumulate", &sparse_accumulate_cuda);
+  m.impl("sign_accumulate", &sign_accumulate_cuda);
 }
