@@ -290,7 +290,16 @@ def qsgd_accumulate(out: Tensor, packed: Tensor, norms: Tensor, levels: int, buc
 # aggregation
 # --------------------------------------------------------------------------
 def check_indices(indices: Tensor, n: int) -> None:
-    """IndexError unless every index lies in ``[0, n)`` (one host synchronisation)."""
+    """IndexError unless every index lies in ``[0, n)`` (one host synchronisation).
+
+    On a GPU the check is a device-side assertion instead (``torch._assert_async``): no host
+    synchronisation in the aggregation path; a bad index fails the next synchronising call.
+    """
+    if indices.numel() and indices.device.type == "cuda":
+        torch._assert_async(
+            (indices.min() >= 0) & (indices.max() < n), f"sparse_accumulate: indices must lie in [0, {n})"
+        )
+        return
     if indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= n:

@@ -333,8 +333,9 @@ class Payload:
                 if nb
                 else torch.empty(0, dtype=torch.uint8)
             )
-            sections.append(raw_t.view(dt).to(device))
+            sections.append(raw_t.view(dt))
             pos += nb
+        # validated here, on the host bytes, before anything moves to the device
         if kind == "topk" and params["k"]:
             idx = sections[1]
             if (
@@ -343,7 +344,7 @@ class Payload:
                 or (idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()))
             ):
                 raise ValueError(f"top-k indices must be strictly ascending and in [0, {numel})")
-        return cls(kind, dtype, numel, params, tuple(sections))
+        return cls(kind, dtype, numel, params, tuple(s.to(device) for s in sections))
 
     # -- decoding ------------------------------------------------------------
     @property

@@ -135,10 +135,12 @@ def local_train(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     n = len(y)
-    order, pos, total = torch.randperm(n, generator=generator), 0, 0.0
+    # the permutation comes from the CPU generator (the same batches on every device); the
+    # loss is summed on the device and read once at the end (no host sync per step)
+    order, pos, total = torch.randperm(n, generator=generator).to(y.device), 0, y.new_zeros((), dtype=torch.float64)
     for _ in range(steps):
         if pos >= n:
-            order, pos = torch.randperm(n, generator=generator), 0
+            order, pos = torch.randperm(n, generator=generator).to(y.device), 0
         idx = order[pos : pos + batch_size]
         pos += batch_size
         xb, yb = x[idx], y[idx]
@@ -159,8 +161,8 @@ def local_train(
                 if weight_decay:
                     d = d + weight_decay * p
                 p.sub_(d, alpha=lr)
-        total += float(loss.detach())
-    return total / max(steps, 1)
+        total += loss.detach()
+    return float(total) / max(steps, 1)
 
 
 def pull_push(x: Tensor, mean: Tensor, alpha: float, lam: float) -> Tensor:

@@ -38,6 +38,7 @@ _FLAG_HELP = {
     "fedsynth_batches": "FedSynth: replayed synthetic batches",
     "dppf_alpha": "DPPF pull strength in (0, 1]",
     "dppf_lambda": "DPPF push; workers settle about lambda/alpha from the mean",
+    "device": "auto | cpu | cuda | cuda:N: where the model, updates, EF residuals and aggregation live",
 }
 
 
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     sharp.add_argument("--max-iters", type=int, default=100, help="power-iteration cap")
     sharp.add_argument("--tol", type=float, default=1e-3, help="relative tolerance of the power iteration")
     sharp.add_argument("--trace-samples", type=int, default=50, help="Rademacher vectors for the trace")
+    sharp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     sharp.set_defaults(func=_sharpness)
     return parser
 
@@ -165,7 +167,12 @@ def _sharpness(args) -> int:
         raise ValueError(f"--tol must be in (0, 1); got {args.tol}")
     for run in args.runs:
         r = measure_run(
-            run, samples=args.samples, max_iters=args.max_iters, tol=args.tol, trace_samples=args.trace_samples
+            run,
+            samples=args.samples,
+            max_iters=args.max_iters,
+            tol=args.tol,
+            trace_samples=args.trace_samples,
+            device=args.device,
         )
         conv = "" if r["lambda_max_converged"] else " (not converged)"
         print(

@@ -8,6 +8,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from .checkpoint import CHECKPOINT, PREVIOUS
 from .checkpoint import load as load_plain
 from .config import Config
 from .data import load_dataset
@@ -53,19 +54,19 @@ def run_grid(
         summary = run_dir / "summary.json"
         if summary.is_file():
             saved = json.loads(summary.read_text())["config"]
-            if saved != cfg.to_dict():
-                diff = sorted(k for k in saved if saved[k] != cfg.to_dict().get(k))
+            diff = sorted(k for k in saved if saved[k] != cfg.to_dict().get(k) and k != "device")
+            if diff:
                 raise ValueError(
                     f"{run_dir} holds a finished run with other settings ({', '.join(diff)}); use another --out"
                 )
         else:
-            resume = (run_dir / "checkpoint.pt").is_file()
+            resume = any((run_dir / name).is_file() for name in (CHECKPOINT, PREVIOUS))
             # one bar per run only on a terminal: nested bars garble logs and CI output
             Trainer(cfg, run_dir, dataset=data).run(resume=resume, progress=progress and sys.stderr.isatty())
         if sharpness and "lambda_max" not in json.loads(summary.read_text()):
             from .sharpness import measure_run
 
-            measure_run(run_dir, dataset=data)
+            measure_run(run_dir, dataset=data, device=cfg.device)
     rows = collect(out, algorithms, compressors, seeds)
     table = format_results(rows, cfgs[0])
     (out / "results.md").write_text(table + "\n")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+import torch
 
 from .algorithms import ALGORITHMS
 from .data import DATASETS
@@ -16,7 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Config", "COMPRESSORS", "PARTITIONS", "PERTURBATION_MODES", "load_toml"]
+__all__ = ["Config", "COMPRESSORS", "PARTITIONS", "PERTURBATION_MODES", "NOT_IDENTITY", "load_toml", "resolve_device"]
 
 COMPRESSORS = ("none", "topk", "randk", "sign", "qsgd", "3sfc", "fedsynth")
 PARTITIONS = ("dirichlet", "shards")
@@ -75,6 +78,7 @@ class Config:
     dppf_lambda: float = 0.01  # DPPF push; the workers settle about lambda/alpha from the mean
     eval_every: int = 1
     checkpoint_every: int = 1
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; not part of a run's identity (resume on either)
 
     def validate(self) -> Config:
         """Raise ValueError naming the setting and its valid range or choices."""
@@ -140,6 +144,8 @@ class Config:
                 f"syn_min_models must be in [syn_span+1={self.syn_span + 1}, syn_window={self.syn_window}]; "
                 f"got {self.syn_min_models}"
             )
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise ValueError(f"data_dir must be a path (a string); got {self.data_dir!r}")
         if self.dataset != "digits" and not self.data_dir:
@@ -160,6 +166,27 @@ class Config:
             if f.type == "float" and isinstance(getattr(cfg, name), int) and not isinstance(getattr(cfg, name), bool):
                 setattr(cfg, name, float(getattr(cfg, name)))
         return cfg
+
+
+# Settings that do not change a run's results: a checkpoint may be resumed with other values.
+NOT_IDENTITY = ("rounds", "device")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when this torch sees a GPU, else the CPU. ``cuda`` without CUDA: ValueError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ValueError(
+                f"device {name!r} needs a CUDA GPU, but torch.cuda.is_available() is False "
+                f"(torch {torch.__version__} is {build}); use --device cpu or auto"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def load_toml(path: str | Path) -> dict:

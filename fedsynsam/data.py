@@ -48,6 +48,13 @@ class Dataset:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.x_train.shape[1:])
 
+    def to(self, device: torch.device | str) -> Dataset:
+        """The same dataset with its tensors on ``device`` (itself if they are there already)."""
+        if self.x_train.device == torch.device(device):
+            return self
+        moved = [t.to(device) for t in (self.x_train, self.y_train, self.x_test, self.y_test)]
+        return Dataset(self.name, *moved, self.num_classes)
+
 
 def _standardise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[Tensor, Tensor]:
     mean = x_train.mean(axis=(0, 2, 3), keepdims=True)

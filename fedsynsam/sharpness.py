@@ -113,11 +113,12 @@ class Objective:
         return F.cross_entropy(logits, self.y)
 
     def hvp(self, v: Tensor) -> Tensor:
-        """``H(w) v`` (float64 in, float64 out; computed in float32 by double backward)."""
+        """``H(w) v`` (float64 in, float64 out on ``v``'s device; computed in float32 on ``w``'s device
+        by double backward)."""
         w = self.w.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(self._loss(w), w, create_graph=True)
-        (hv,) = torch.autograd.grad(g, w, grad_outputs=v.to(w.dtype))
-        return hv.double()
+        (hv,) = torch.autograd.grad(g, w, grad_outputs=v.to(device=w.device, dtype=w.dtype))
+        return hv.to(device=v.device, dtype=torch.float64)
 
 
 def top_eigenvalue(obj: Objective, *, max_iters: int = 100, tol: float = 1e-3, seed: int = 0) -> EigenResult:
@@ -130,7 +131,7 @@ def hutchinson_trace(obj: Objective, *, samples: int = 100, seed: int = 0) -> tu
 
 def filter_normalized_direction(obj: Objective, generator: torch.Generator) -> Tensor:
     """A random direction with each filter (row of a weight) scaled to the norm of ``w``'s filter."""
-    d = torch.randn(obj.w.numel(), generator=generator)
+    d = torch.randn(obj.w.numel(), generator=generator).to(obj.w.device)  # the same direction on every device
     w_views, d_views = unflatten(obj.w, obj.spec), unflatten(d, obj.spec)
     for name, dv in d_views.items():
         wv = w_views[name]
@@ -192,7 +193,14 @@ def valley_width(
 
 
 def measure_run(
-    run_dir, *, samples: int = 1024, max_iters: int = 100, tol: float = 1e-3, trace_samples: int = 50, dataset=None
+    run_dir,
+    *,
+    samples: int = 1024,
+    max_iters: int = 100,
+    tol: float = 1e-3,
+    trace_samples: int = 50,
+    dataset=None,
+    device: str = "auto",
 ) -> dict:
     """Measure a finished run: λ_max, Hessian trace, valley width and landscapes of its final model.
 
@@ -205,7 +213,7 @@ def measure_run(
     from pathlib import Path
 
     from .checkpoint import load as load_plain
-    from .config import Config
+    from .config import Config, resolve_device
     from .data import load_dataset
     from .models import build_model
     from .plots import plot_landscape_1d, plot_landscape_2d
@@ -216,10 +224,11 @@ def measure_run(
             raise FileNotFoundError(f"{run_dir / name} is missing: is {run_dir} a finished run?")
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = Config.from_dict(summary["config"], source=str(run_dir / "summary.json"))
-    data = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
-    w = load_plain(run_dir / "final_model.pt")["w"]
-    order = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))[:samples]
+    dev = resolve_device(device)
+    data = (dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)).to(dev)
+    model = build_model(cfg.model, data.input_shape, data.num_classes).to(dev)
+    w = load_plain(run_dir / "final_model.pt", map_location=dev)["w"]
+    order = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))[:samples].to(dev)
     obj = Objective(model, data.x_train[order], data.y_train[order], w)
     eig = top_eigenvalue(obj, max_iters=max_iters, tol=tol)
     trace, stderr = hutchinson_trace(obj, samples=trace_samples)

@@ -166,8 +166,9 @@ class ThreeSFC(ModelCompressor):
         return x, y, vector[-1]
 
     def _encode(self, g: Tensor, w: Tensor, gen: torch.Generator) -> Tensor:
-        x = torch.randn((self.samples, *self.input_shape), generator=gen).requires_grad_(True)
-        y = torch.randn((self.samples, self.num_classes), generator=gen).requires_grad_(True)
+        # drawn on the CPU generator, then moved: the same samples on every device
+        x = torch.randn((self.samples, *self.input_shape), generator=gen).to(g.device).requires_grad_(True)
+        y = torch.randn((self.samples, self.num_classes), generator=gen).to(g.device).requires_grad_(True)
         opt = torch.optim.Adam([x, y], lr=self.lr)
         best, best_cos = (x.detach().clone(), y.detach().clone()), -1.0
         g_norm = g.norm()
@@ -236,9 +237,9 @@ class FedSynth(ModelCompressor):
 
     def _encode(self, g: Tensor, w: Tensor, gen: torch.Generator, trace: list | None = None) -> Tensor:
         shape = (self.batches, self.batch_size)
-        xs = torch.randn((*shape, *self.input_shape), generator=gen).requires_grad_(True)
-        ys = torch.randn((*shape, self.num_classes), generator=gen).requires_grad_(True)
-        log_lr = torch.tensor(math.log(self.init_step), requires_grad=True)
+        xs = torch.randn((*shape, *self.input_shape), generator=gen).to(g.device).requires_grad_(True)
+        ys = torch.randn((*shape, self.num_classes), generator=gen).to(g.device).requires_grad_(True)
+        log_lr = torch.tensor(math.log(self.init_step), device=g.device, requires_grad=True)
         opt = torch.optim.Adam([xs, ys, log_lr], lr=self.lr)
         denom = g.pow(2).sum().clamp_min(1e-30)
         best, best_err = None, math.inf

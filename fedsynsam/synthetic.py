@@ -90,10 +90,11 @@ def distill(
     if len(trajectory) <= span:
         raise ValueError(f"trajectory holds {len(trajectory)} models; need more than span={span}")
     m = per_class * num_classes
-    if init is None:
-        images = torch.randn((m, *input_shape), generator=generator)
-        label_logits = 3.0 * torch.eye(num_classes).repeat_interleave(per_class, dim=0)
-        log_lr = torch.tensor(math.log(init_step))
+    device = trajectory[0].device
+    if init is None:  # drawn on the CPU generator, then moved: the same start on every device
+        images = torch.randn((m, *input_shape), generator=generator).to(device)
+        label_logits = 3.0 * torch.eye(num_classes, device=device).repeat_interleave(per_class, dim=0)
+        log_lr = torch.tensor(math.log(init_step), device=device)
     else:
         images, label_logits, log_lr = init.images.clone(), init.label_logits.clone(), init.log_lr.clone()
     images.requires_grad_(True)

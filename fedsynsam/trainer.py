@@ -36,7 +36,7 @@ from fedcomp.flat import flatten, unflatten
 
 from . import algorithms as alg
 from . import checkpoint as ckpt
-from .config import Config
+from .config import NOT_IDENTITY, Config, resolve_device
 from .data import Dataset, dirichlet_partition, load_dataset, shard_partition
 from .models import build_model
 from .syncomp import FedSynth, ModelCompressor, ThreeSFC
@@ -111,6 +111,17 @@ class RunState:
     workers: dict = field(default_factory=dict)  # DPPF: client -> its own flat model
 
 
+def _to_device(obj, device: torch.device):
+    """``obj`` (nested dicts, lists, tuples) with every tensor moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
 class Trainer:
     """One federated run. ``Trainer(cfg, out_dir).run()``; ``resume=True`` continues from the checkpoint."""
 
@@ -118,16 +129,19 @@ class Trainer:
         self.cfg = cfg.validate()
         self.log = log if log is not None else (lambda line: print(f"fedsynsam: {line}", file=sys.stderr))
         self.out = Path(out_dir) if out_dir is not None else None
-        self.data = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes)
+        self.device = resolve_device(cfg.device)
+        data = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
+        self.data = data.to(self.device)
+        torch.manual_seed(cfg.seed)  # the model is initialised on the CPU: the same start on every device
+        self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
         w0, self.spec = flatten(self.model)
         self.views = unflatten(torch.empty_like(w0), self.spec)  # scratch for loading params
         self.params = dict(self.model.named_parameters())
         if cfg.partition == "dirichlet":
-            self.partition = dirichlet_partition(self.data.y_train, cfg.clients, cfg.alpha, cfg.seed)
+            self.partition = dirichlet_partition(data.y_train, cfg.clients, cfg.alpha, cfg.seed)
         else:
-            self.partition = shard_partition(self.data.y_train, cfg.clients, cfg.shards_per_client, cfg.seed)
+            self.partition = shard_partition(data.y_train, cfg.clients, cfg.shards_per_client, cfg.seed)
+        self.client_index = [torch.tensor(p, dtype=torch.long, device=self.device) for p in self.partition]
         self.uplink = build_uplink(cfg, self.model, self.spec, self.data)
         # 3SFC double-way: the server compresses what it broadcasts, with its own residual
         self.downlink = (
@@ -212,7 +226,7 @@ class Trainer:
             tic = time.perf_counter()
             start_model = st.workers.get(c, st.w) if cfg.algorithm == "dppf" else st.w
             self.load_flat(start_model)
-            idx = self.partition[c]
+            idx = self.client_index[c]
             loss = alg.local_train(
                 self.model,
                 self.data.x_train[idx],
@@ -240,8 +254,8 @@ class Trainer:
             else:
                 payload = self.uplink.compress(delta)
             tic3 = time.perf_counter()
-            wire = payload.to_bytes()
-            payloads.append(fedcomp.Payload.from_bytes(wire))
+            wire = payload.to_bytes()  # the only device -> host copy of the round's uploads
+            payloads.append(fedcomp.Payload.from_bytes(wire, device=self.device))
             tic4 = time.perf_counter()
             self.timings["compress"] += tic3 - tic2
             self.timings["wire"] += tic4 - tic3
@@ -253,7 +267,9 @@ class Trainer:
         if cfg.server_lr != 1.0:
             update.mul_(cfg.server_lr)
         if self.downlink is not None:
-            broadcast = fedcomp.Payload.from_bytes(self.downlink.compress(update, "server", st.w).to_bytes())
+            broadcast = fedcomp.Payload.from_bytes(
+                self.downlink.compress(update, "server", st.w).to_bytes(), device=self.device
+            )
             update = self.downlink.decode(broadcast, st.w)
             down += len(clients) * broadcast.nbytes
         st.w.add_(update)
@@ -333,11 +349,12 @@ class Trainer:
         }
 
     def load_checkpoint(self, ckpt: dict) -> None:
-        if ckpt["config"] != self.cfg.to_dict():
-            diff = {
-                k: (v, self.cfg.to_dict().get(k)) for k, v in ckpt["config"].items() if self.cfg.to_dict().get(k) != v
-            }
-            diff.pop("rounds", None)
+        """Continue from :meth:`checkpoint`'s dict (its tensors may be on any device: they are moved)."""
+        ckpt = _to_device(ckpt, self.device)
+        now = self.cfg.to_dict()
+        saved = ckpt["config"]
+        if saved != now:
+            diff = {k: (v, now.get(k)) for k, v in saved.items() if now.get(k) != v and k not in NOT_IDENTITY}
             if diff:
                 raise ValueError(f"checkpoint was written with another config; differing settings (saved, now): {diff}")
         st = self.state
@@ -369,7 +386,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             metrics = self.out / "metrics.jsonl"
             if resume:
-                state, used = ckpt.load_latest(self.out, log=self.log)
+                state, used = ckpt.load_latest(self.out, map_location=self.device, log=self.log)
                 if used.name != ckpt.CHECKPOINT and (self.out / ckpt.CHECKPOINT).is_file():
                     # keep the damaged file for inspection, out of the way of the next rotation
                     os.replace(self.out / ckpt.CHECKPOINT, self.out / (ckpt.CHECKPOINT + ".bad"))
