@@ -114,8 +114,9 @@ FEDCOMP_HD uint32_t qsgd_code(float a, float norm, int levels, float u) {
   t = t / norm;
   t = t + u;
   if (!(fabsf(t) <= 3.402823466e+38f)) return static_cast<uint32_t>(levels);  // NaN or Inf
-  int q = static_cast<int>(floorf(t));
-  if (q > levels) q = levels;  // |a| can exceed the fp32-rounded norm by an ulp
+  // min(L, floor(t)): t >= 0, so below L truncation is floor (no libm call; |a| can exceed
+  // the fp32-rounded norm by an ulp, hence the clamp)
+  const int q = t < static_cast<float>(levels) ? static_cast<int>(t) : levels;
   return static_cast<uint32_t>(a < 0.0f ? levels - q : levels + q);
 }
 

@@ -524,7 +524,18 @@ void dequantize_blocks(const uint8_t* packed, const float* scales, int64_t n, in
           for (int j = 0; j < 8; ++j) out(i + j, p.value((byte >> j) & 1u, scale));
         }
         for (; i < t; ++i) out(i, p.value(bit(i), scale));
+      } else if (8 % w == 0) {  // 2, 4 or 8 bits: a code never straddles a byte
+        // the block's 2^w values, computed once by the same p.value (so bit-identical): a table
+        // lookup per entry instead of a division
+        float lut[256];
+        for (uint32_t c = 0; c <= mask; ++c) lut[c] = p.value(c, scale);
+        const int64_t slot = 8 / w - 1;  // codes per byte - 1 (a power of two minus one)
+        for (int64_t i = s; i < t; ++i) {
+          const uint32_t byte = packed[(i * w) >> 3];
+          out(i, lut[(byte >> ((i & slot) * w)) & mask]);
+        }
       } else {
+        // other widths: a sequential bit reader (w is fixed per call, so its state from b holds)
         for (int64_t i = s; i < t; ++i) {
           while (nacc < w + skip) {
             acc |= static_cast<uint64_t>(*in++) << nacc;
