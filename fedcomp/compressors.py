@@ -69,6 +69,11 @@ class Compressor:
     def _encode(self, x: Tensor, residual: Tensor | None) -> Payload:
         raise NotImplementedError
 
+    def _encode_rows(self, x: Tensor, residual: Tensor) -> list[Payload]:
+        """``_encode`` of each row of ``x [m, n]`` with its row of ``residual [m, n]`` (updated in
+        place); compressors with a batched op override it with one call."""
+        return [self._encode(x[i], residual[i]) for i in range(x.shape[0])]
+
     def _params(self, numel: int) -> dict:
         raise NotImplementedError
 
@@ -140,6 +145,13 @@ class TopK(Compressor):
 
     def _params(self, numel: int) -> dict:
         return {"k": self.k_for(numel)}
+
+    def _encode_rows(self, x, residual):
+        if self.segments is not None:
+            return super()._encode_rows(x, residual)
+        n = x.shape[1]
+        values, indices = ops.topk_ef(x, residual, _count(self.ratio, n), index_dtype=index_dtype_for(n))
+        return [Payload("topk", x.dtype, n, {"k": v.numel()}, (v, i)) for v, i in zip(values, indices)]
 
     def _encode(self, x, residual):
         n, idx_dtype = x.numel(), index_dtype_for(x.numel())
@@ -242,6 +254,11 @@ class Sign(Compressor):
         params = self._params(x.numel())
         packed, scales = ops.sign_ef(x, residual, params["block"], self.scale)
         return Payload("sign", x.dtype, x.numel(), params, (packed, scales))
+
+    def _encode_rows(self, x, residual):
+        params = self._params(x.shape[1])
+        packed, scales = ops.sign_ef(x, residual, params["block"], self.scale)
+        return [Payload("sign", x.dtype, x.shape[1], params, (p, s)) for p, s in zip(packed, scales)]
 
     def __repr__(self) -> str:
         return f"Sign(block={self.block}, scale={self.scale!r})"
@@ -361,6 +378,27 @@ class ErrorFeedback(_Stateful):
         x = _flat_input(x)
         residual = self._slot(self.residuals, key, x.numel(), x.device, x.dtype)
         return self.compressor._encode(x, residual)
+
+    def compress_many(self, x: Tensor, keys) -> list[Payload]:
+        """Compress ``m`` clients' updates at once: ``x`` is ``[m, n]``, ``keys`` ``m`` distinct keys.
+
+        Top-k (global) and sign run as one batched op over the stack (one parallel region on
+        the CPU; see :func:`fedcomp.topk_ef`); other compressors row by row. Either way the
+        payloads and residuals equal ``[compress(x[i], keys[i]) for i in range(m)]`` to the bit.
+        """
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] < 1:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be a [clients >= 1, n] tensor; got {shape}")
+        keys = [_check_key(k) for k in keys]
+        if len(keys) != x.shape[0] or len(set(keys)) != len(keys):
+            raise ValueError(f"keys must be {x.shape[0]} distinct keys, one per row of x; got {keys!r}")
+        x = x.detach().contiguous()
+        rows = [self._slot(self.residuals, k, x.shape[1], x.device, x.dtype) for k in keys]
+        stack = torch.stack(rows)
+        payloads = self.compressor._encode_rows(x, stack)
+        for row, updated in zip(rows, stack):
+            row.copy_(updated)
+        return payloads
 
     def residual(self, key: str = "default") -> Tensor | None:
         """The current residual of ``key`` (``None`` before its first call)."""

@@ -110,8 +110,16 @@ def _seed(seed, generator) -> int:
     return int(torch.randint(0, 1 << 62, (1,), generator=generator).item())
 
 
-def _input(x, residual) -> Tensor:
-    _check_tensor("x", x, FLOAT_DTYPES)
+def _input(x, residual, *, rows: bool = False) -> Tensor:
+    """``rows``: ``x`` may also be a ``[m >= 1, n]`` stack (one client per row)."""
+    if rows and isinstance(x, Tensor) and x.dim() == 2:
+        _check_tensor("x", x, FLOAT_DTYPES, dim=2)
+        if x.shape[0] < 1:
+            raise ValueError(f"x must have at least one row (client); got shape {tuple(x.shape)}")
+    else:
+        if rows and isinstance(x, Tensor) and x.dim() != 1:
+            raise ValueError(f"x must be 1-D, or 2-D [clients, n]; got shape {tuple(x.shape)}")
+        _check_tensor("x", x, FLOAT_DTYPES)
     _check_residual(residual, x)
     _backend.backend_for(x.device.type)
     return x.detach()
@@ -129,23 +137,25 @@ def topk_ef(
     of largest ``|a|``, ties broken by the lower index.
 
     Args:
-        x: ``[n]`` float32/float16/bfloat16, contiguous.
-        residual: ``[n]`` like ``x`` or ``None``; set in place to ``a`` with the
-            picked entries zeroed.
-        k: number of entries to keep, ``0 <= k <= n``.
+        x: ``[n]`` float32/float16/bfloat16, contiguous; or ``[m, n]``: ``m`` clients'
+            updates in one call (one parallel region on the CPU), each row exactly as the
+            1-D op.
+        residual: like ``x`` (``[n]`` or ``[m, n]``, one residual row per client) or
+            ``None``; set in place to ``a`` with the picked entries zeroed.
+        k: number of entries to keep per row, ``0 <= k <= n``.
         index_dtype: ``torch.int64`` (default) or ``torch.int32``.
 
     Returns:
-        ``(values [k] x.dtype, indices [k] index_dtype)``, indices sorted ascending,
-        ``values = a[indices]``.
+        ``(values [k] x.dtype, indices [k] index_dtype)`` (``[m, k]`` each for a stack),
+        indices sorted ascending, ``values = a[indices]``.
     """
-    x = _input(x, residual)
-    k = _check_int("k", k, 0, x.numel())
+    x = _input(x, residual, rows=True)
+    k = _check_int("k", k, 0, x.shape[-1])
     if index_dtype not in INDEX_DTYPES:
         raise TypeError(f"index_dtype must be {_names(INDEX_DTYPES)}; got {index_dtype}")
-    if index_dtype == torch.int32 and x.numel() > 2**31 - 1:
-        raise ValueError(f"index_dtype=int32 cannot index {x.numel()} entries; use int64")
-    return _ops.topk_ef(x, residual, k, index_dtype)
+    if index_dtype == torch.int32 and x.shape[-1] > 2**31 - 1:
+        raise ValueError(f"index_dtype=int32 cannot index {x.shape[-1]} entries; use int64")
+    return (_ops.topk_ef_rows if x.dim() == 2 else _ops.topk_ef)(x, residual, k, index_dtype)
 
 
 def topk_threshold_ef(
@@ -195,14 +205,18 @@ def sign_ef(x: Tensor, residual: Tensor | None, block: int | None = None, scale:
     ``||a_b||_2 / sqrt(n_b)``). Bit ``i`` is ``a_i >= 0``, stored as bit ``i % 8`` of
     byte ``i // 8``. ``residual <- a - scale_b * (+1 | -1)``.
 
+    ``x`` may be an ``[m, n]`` stack of ``m`` clients' updates (with an ``[m, n]`` residual):
+    each row gets exactly the 1-D op, in one call.
+
     Returns:
-        ``(packed [ceil(n/8)] uint8, scales [ceil(n/block)] float32)``.
+        ``(packed [ceil(n/8)] uint8, scales [ceil(n/block)] float32)``; for a stack
+        ``[m, ceil(n/8)]`` and ``[m, ceil(n/block)]``.
     """
-    x = _input(x, residual)
-    block = _block(block, x.numel())
+    x = _input(x, residual, rows=True)
+    block = _block(block, x.shape[-1])
     if scale not in ("mean", "l2"):
         raise ValueError(f"scale must be 'mean' or 'l2'; got {scale!r}")
-    return _ops.sign_ef(x, residual, block, scale == "l2")
+    return (_ops.sign_ef_rows if x.dim() == 2 else _ops.sign_ef)(x, residual, block, scale == "l2")
 
 
 def _check_stream(packed, scales, numel, block, width: int, scales_name: str) -> tuple[int, int]:

@@ -211,6 +211,23 @@ def sign_ef(x: Tensor, residual: Tensor | None, block: int, l2: bool):
     return pack_codes(bits, 1), scales
 
 
+def apply_rows(op, x: Tensor, residual: Tensor | None, *args):
+    """Apply a 1-D op to each row of ``x`` ``[m, n]`` (with its residual row, a view updated in
+    place) and stack each output: the batched ops' semantics, row by row."""
+    outs = [op(x[i], None if residual is None else residual[i], *args) for i in range(x.shape[0])]
+    return tuple(torch.stack(parts) for parts in zip(*outs))
+
+
+def topk_ef_rows(x: Tensor, residual: Tensor | None, k: int, index_dtype: torch.dtype = torch.int64):
+    """:func:`topk_ef` on each row of ``x [m, n]``: ``(values [m, k], indices [m, k])``."""
+    return apply_rows(topk_ef, x, residual, k, index_dtype)
+
+
+def sign_ef_rows(x: Tensor, residual: Tensor | None, block: int, l2: bool):
+    """:func:`sign_ef` on each row of ``x [m, n]``: ``(packed [m, ceil(n/8)], scales [m, ceil(n/block)])``."""
+    return apply_rows(sign_ef, x, residual, block, l2)
+
+
 def sign_decode(packed: Tensor, scales: Tensor, numel: int, block: int) -> Tensor:
     """Dense fp32 ``[numel]``: ``scale_b * (+1 if bit else -1)``."""
     bits = unpack_codes(packed, numel, 1)

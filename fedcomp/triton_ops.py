@@ -26,7 +26,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from .reference import check_indices, qsgd_bits  # noqa: E402
+from .reference import apply_rows, check_indices, qsgd_bits  # noqa: E402
 
 __all__ = [
     "topk_ef_triton",
@@ -39,6 +39,8 @@ __all__ = [
     "sparse_accumulate_triton",
     "sign_accumulate_triton",
     "qsgd_accumulate_triton",
+    "topk_ef_rows_triton",
+    "sign_ef_rows_triton",
     "LAUNCH_CONFIGS",
 ]
 
@@ -631,6 +633,18 @@ def topk_threshold_ef_triton(x: Tensor, residual: Tensor | None, k: int, capacit
     state = _radix_select(sample, -(-k * sample_size // n))
     count = _compact(keys, a, residual, state, True, capacity, values, indices)
     return values, indices, count
+
+
+# --------------------------------------------------------------------------
+# many clients: one [m, n] stack, row by row through the kernels above (on a GPU: one launch
+# sequence per row, queued on one stream, no host synchronisation between rows)
+# --------------------------------------------------------------------------
+def topk_ef_rows_triton(x: Tensor, residual: Tensor | None, k: int, index_dtype: torch.dtype):
+    return apply_rows(topk_ef_triton, x, residual, k, index_dtype)
+
+
+def sign_ef_rows_triton(x: Tensor, residual: Tensor | None, block: int, l2: bool):
+    return apply_rows(sign_ef_triton, x, residual, block, l2)
 
 
 # --------------------------------------------------------------------------

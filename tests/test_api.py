@@ -28,7 +28,7 @@ BAD_INPUT = [
     (lambda: fedcomp.topk_ef(torch.arange(8), None, 2), TypeError, "x must have dtype"),
     (lambda: fedcomp.topk_ef(x8.double(), None, 2), TypeError, "x must have dtype"),
     (lambda: fedcomp.topk_ef(x8.tolist(), None, 2), TypeError, "x must be a torch.Tensor"),
-    (lambda: fedcomp.topk_ef(torch.randn(2, 4), None, 2), ValueError, "x must be 1-D"),
+    (lambda: fedcomp.topk_ef(torch.randn(2, 2, 2), None, 2), ValueError, "x must be 1-D"),
     (lambda: fedcomp.topk_ef(torch.randn(16)[::2], None, 2), ValueError, "x must be contiguous"),
     (lambda: fedcomp.topk_ef(x8, torch.zeros(7), 2), ValueError, "residual must have the shape of x"),
     (lambda: fedcomp.topk_ef(x8, r8.half(), 2), TypeError, "residual must have the dtype of x"),

@@ -159,3 +159,19 @@ def test_empty_inputs():
     p, s = T.qsgd_triton(x, None, 4, 512, 0)
     assert p.numel() == 0 and s.numel() == 0
     assert T.sign_decode_triton(p, s, 0, 1).numel() == 0
+
+
+@pytest.mark.parametrize("m, n", [(1, 7), (3, 1023), (4, 4099)])
+def test_rows_equal_separate_calls(m, n):
+    x = torch.stack([make_input(n, torch.float32, seed=i)[0] for i in range(m)])
+    r = torch.stack([make_input(n, torch.float32, seed=i)[1] for i in range(m)])
+    r1, r2 = r.clone(), r.clone()
+    v1, i1 = T.topk_ef_rows_triton(x, r1, n // 5, torch.int64)
+    v2, i2 = reference.topk_ef_rows(x, r2, n // 5, torch.int64)
+    assert_same(i1, i2, "indices")
+    assert_same(v1, v2, "values")
+    assert_same(r1, r2, "residual")
+    p1, s1 = T.sign_ef_rows_triton(x, r.clone(), 64, False)
+    p2, s2 = reference.sign_ef_rows(x, r.clone(), 64, False)
+    assert_same(p1, p2, "sign bits")
+    torch.testing.assert_close(s1, s2, rtol=1e-6, atol=0)

@@ -444,6 +444,47 @@ void piece_codes(const scalar_t* x, scalar_t* r, int64_t b, int64_t e, float sca
   writer.finish();
 }
 
+// ===========================================================================
+// Many clients at once: x and residual are [m, n] stacks and each row gets
+// exactly the 1-D op. With at least as many rows as threads, the rows are the
+// one parallel region (the kernels' own parallel_for calls then run inline,
+// serially, inside it); with fewer, rows run one after another, each parallel
+// inside. Chunking never depends on the thread count, so both give the same
+// bits as m separate calls.
+// ===========================================================================
+template <typename F>
+void for_rows(int64_t m, const F& row) {
+  if (m >= at::get_num_threads()) {
+    at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) row(i);
+    });
+  } else {
+    for (int64_t i = 0; i < m; ++i) row(i);
+  }
+}
+
+std::tuple<Tensor, Tensor> topk_ef_rows_cpu(const Tensor& x, const std::optional<Tensor>& residual, int64_t k,
+                                            at::ScalarType index_dtype) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fedcomp::topk_ef_rows: x must be 2-D contiguous");
+  const int64_t m = x.size(0), n = x.size(1);
+  TORCH_CHECK(k >= 0 && k <= n, "fedcomp::topk_ef_rows: k out of range");
+  Tensor values = at::empty({m, k}, x.options());
+  Tensor indices = at::empty({m, k}, x.options().dtype(index_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_ef_rows_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* r = residual ? residual->data_ptr<scalar_t>() : nullptr;
+    scalar_t* v = values.data_ptr<scalar_t>();
+    for_rows(m, [&](int64_t i) {
+      scalar_t* ri = r ? r + i * n : nullptr;
+      if (index_dtype == at::kInt)
+        topk_ef_impl<scalar_t, int32_t>(xp + i * n, ri, n, k, v + i * k, indices.data_ptr<int32_t>() + i * k);
+      else
+        topk_ef_impl<scalar_t, int64_t>(xp + i * n, ri, n, k, v + i * k, indices.data_ptr<int64_t>() + i * k);
+    });
+  });
+  return {values, indices};
+}
+
 template <bool kEF, typename scalar_t, typename Policy>
 void quantize_blocks(const scalar_t* x, scalar_t* r, int64_t n, int64_t block, const Policy& p,
                      uint8_t* packed, float* scales) {
@@ -611,6 +652,29 @@ Tensor sign_decode_cpu(const Tensor& packed, const Tensor& scales, int64_t numel
   return dequantize_cpu(packed, scales, numel, block, SignPolicy<false>{});
 }
 
+std::tuple<Tensor, Tensor> sign_ef_rows_cpu(const Tensor& x, const std::optional<Tensor>& residual,
+                                            int64_t block, bool l2) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && block >= 1, "fedcomp::sign_ef_rows: bad arguments");
+  const int64_t m = x.size(0), n = x.size(1), nbytes = ceil_div(n, 8), nblocks = ceil_div(n, block);
+  Tensor packed = at::zeros({m, nbytes}, x.options().dtype(at::kByte));
+  Tensor scales = at::empty({m, nblocks}, x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sign_ef_rows_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* r = residual ? residual->data_ptr<scalar_t>() : nullptr;
+    uint8_t* pk = packed.data_ptr<uint8_t>();
+    float* sc = scales.data_ptr<float>();
+    for_rows(m, [&](int64_t i) {
+      auto run = [&](auto policy) {
+        if (r) quantize_blocks<true>(xp + i * n, r + i * n, n, block, policy, pk + i * nbytes, sc + i * nblocks);
+        else quantize_blocks<false>(xp + i * n, r, n, block, policy, pk + i * nbytes, sc + i * nblocks);
+      };
+      if (l2) run(SignPolicy<true>{});
+      else run(SignPolicy<false>{});
+    });
+  });
+  return {packed, scales};
+}
+
 void sign_accumulate_cpu(const Tensor& out, const Tensor& packed, const Tensor& scales, int64_t block,
                          double alpha) {
   accumulate_cpu(out, packed, scales, block, alpha, SignPolicy<false>{});
@@ -715,6 +779,8 @@ TORCH_LIBRARY_IMPL(fedcomp, CPU, m) {
   m.impl("qsgd_decode", &qsgd_decode_cpu);
   m.impl("sparse_accumulate", &sparse_accumulate_cpu);
   m.impl("sign_accumulate", &sign_accumulate_cpu);
+  m.impl("topk_ef_rows", &topk_ef_rows_cpu);
+  m.impl("sign_ef_rows", &sign_ef_rows_cpu);
   m.impl("qsgd_accumulate", &qsgd_accumulate_cpu);
 }
 
