@@ -1,7 +1,9 @@
 """Compress + serialise + deserialise + aggregate for 10 clients, against the composite pipeline.
 
 ``fedcomp``: ``ErrorFeedback(TopK(0.01) | Sign())`` per client, ``Payload.to_bytes``,
-``Payload.from_bytes``, ``fedcomp.aggregate``. ``composite``: the same pipeline
+``Payload.from_bytes``, ``fedcomp.aggregate``; ``fedcomp-batched``: the same with the ten
+updates compressed in one call (``ErrorFeedback.compress_many`` on a ``[10, n]`` stack, as the
+trainer does). ``composite``: the same pipeline
 written as existing libraries write it (:func:`fedcomp.bench.composite_pipeline`:
 compensate, ``torch.topk``, decompress to dense, subtract, ``torch.save``/``load``,
 sum dense tensors). Run with ``pytest benchmarks/ --benchmark-only``.
@@ -29,16 +31,26 @@ def _fedcomp_pipeline(xs, ef):
     return fedcomp.aggregate([fedcomp.Payload.from_bytes(w) for w in wires])
 
 
-@pytest.mark.parametrize("provider", ["fedcomp", "composite"])
+def _fedcomp_batched(stack, ef):
+    wires = [p.to_bytes() for p in ef.compress_many(stack, [f"client{i}" for i in range(len(stack))])]
+    return fedcomp.aggregate([fedcomp.Payload.from_bytes(w) for w in wires])
+
+
+@pytest.mark.parametrize("provider", ["fedcomp", "fedcomp-batched", "composite"])
 @pytest.mark.parametrize("kind", ["topk", "sign"])
 @pytest.mark.parametrize("n", SIZES, ids=lambda n: f"n={n:.0e}")
 def test_pipeline(record, n, kind, provider):
     if provider == "fedcomp" and _backend.cpu_backend() != "cpu":
         pytest.skip(f"C++ CPU kernels not built: {_backend.cpu_error()}")
     xs, residuals = _clients(n)
-    if provider == "fedcomp":
+    if provider.startswith("fedcomp"):
         ef = fedcomp.ErrorFeedback(fedcomp.TopK(0.01) if kind == "topk" else fedcomp.Sign())
-        fn = lambda: _fedcomp_pipeline(xs, ef)  # noqa: E731
+        if provider == "fedcomp":
+            fn = lambda: _fedcomp_pipeline(xs, ef)  # noqa: E731
+        else:  # the clients' updates arrive together as one [clients, n] stack: one batched op
+            stack = torch.stack(xs)
+            del xs
+            fn = lambda: _fedcomp_batched(stack, ef)  # noqa: E731
     else:
         fn = lambda: bench.composite_pipeline(xs, residuals, kind)  # noqa: E731
     record(f"pipeline {kind}+EF x{CLIENTS} clients", n, provider, fn, 5 if n < 10**7 else 3)

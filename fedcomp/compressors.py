@@ -364,6 +364,13 @@ class _Stateful:
         self.compressor.load_state_dict(state.get("compressor", {}))
 
 
+# compress_many batches rows shorter than this: there the fixed cost per call (Python, dispatch,
+# thread wake-up) outweighs gathering the residual rows into a stack and writing them back; for
+# longer rows the copies cost more than the calls they save (measured: 10 x 10^7 top-k, 253 ms
+# per call against 423 ms batched; 5 x 26k in the trainer, 3.7 % of a round -> 2.4 %).
+_ROWS_BATCH_BELOW = 1 << 18
+
+
 class ErrorFeedback(_Stateful):
     """Error feedback (EF14): send ``C(x + e)``, keep ``e <- x + e - decode(C(x + e))``.
 
@@ -382,9 +389,10 @@ class ErrorFeedback(_Stateful):
     def compress_many(self, x: Tensor, keys) -> list[Payload]:
         """Compress ``m`` clients' updates at once: ``x`` is ``[m, n]``, ``keys`` ``m`` distinct keys.
 
-        Top-k (global) and sign run as one batched op over the stack (one parallel region on
-        the CPU; see :func:`fedcomp.topk_ef`); other compressors row by row. Either way the
-        payloads and residuals equal ``[compress(x[i], keys[i]) for i in range(m)]`` to the bit.
+        For rows shorter than 2^18 entries, top-k (global) and sign run as one batched op over
+        the stack (one parallel region on the CPU; see :func:`fedcomp.topk_ef`); otherwise, and
+        for other compressors, row by row. Either way the payloads and residuals equal
+        ``[compress(x[i], keys[i]) for i in range(m)]`` to the bit.
         """
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] < 1:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -394,7 +402,9 @@ class ErrorFeedback(_Stateful):
             raise ValueError(f"keys must be {x.shape[0]} distinct keys, one per row of x; got {keys!r}")
         x = x.detach().contiguous()
         rows = [self._slot(self.residuals, k, x.shape[1], x.device, x.dtype) for k in keys]
-        stack = torch.stack(rows)
+        if x.shape[1] >= _ROWS_BATCH_BELOW:  # large rows: the per-call cost is nothing next to the
+            return [self.compressor._encode(x[i], rows[i]) for i in range(len(rows))]  # stack's copies
+        stack = torch.stack(rows)  # residuals live per key: gathered into one stack, written back
         payloads = self.compressor._encode_rows(x, stack)
         for row, updated in zip(rows, stack):
             row.copy_(updated)

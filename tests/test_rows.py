@@ -99,14 +99,15 @@ def test_stack_bad_input_names_the_argument(call, exc, text):
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: fedcomp.TopK(0.05), lambda: fedcomp.Sign(64), lambda: fedcomp.QSGD(4, 64, seed=3),
-             lambda: fedcomp.RandK(0.05, seed=2), lambda: fedcomp.TopK(0.1, segments=(300, 700))],
+    "make", [lambda n: fedcomp.TopK(0.05), lambda n: fedcomp.Sign(64), lambda n: fedcomp.QSGD(4, 64, seed=3),
+             lambda n: fedcomp.RandK(0.05, seed=2), lambda n: fedcomp.TopK(0.1, segments=(n // 4, n - n // 4))],
     ids=["topk", "sign", "qsgd", "randk", "topk-per-tensor"],
 )  # fmt: skip
-def test_compress_many_equals_one_call_per_client(backend, make):
-    x, _ = _stack(4, 1000, torch.float32, seed=9)
+@pytest.mark.parametrize("n", [1000, 1 << 18], ids=["batched", "row-by-row"])
+def test_compress_many_equals_one_call_per_client(backend, make, n):
+    x, _ = _stack(4, n, torch.float32, seed=9)
     keys = [f"client{i}" for i in (3, 0, 7, 1)]
-    batched, single = fedcomp.ErrorFeedback(make()), fedcomp.ErrorFeedback(make())
+    batched, single = fedcomp.ErrorFeedback(make(n)), fedcomp.ErrorFeedback(make(n))
     for step in range(3):  # residuals carry over between calls
         xs = x * (step + 1)
         many = batched.compress_many(xs, keys)
@@ -118,7 +119,7 @@ def test_compress_many_equals_one_call_per_client(backend, make):
     with pytest.raises(ValueError, match="keys must be 4 distinct keys"):
         batched.compress_many(x, ["a", "a", "b", "c"])
     with pytest.raises(ValueError, match=r"x must be a \[clients >= 1, n\] tensor"):
-        batched.compress_many(torch.zeros(0, 1000), [])
+        batched.compress_many(torch.zeros(0, n), [])
 
 
 def test_rows_opcheck(backend):
