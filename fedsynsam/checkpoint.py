@@ -131,7 +131,11 @@ def load(path: str | Path, *, map_location="cpu") -> dict:
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty (0 bytes); the write that made it did not finish")
-    if not zipfile.is_zipfile(path):
+    try:  # is_zipfile itself raises on some damaged end records (e.g. "span multiple disks")
+        is_zip = zipfile.is_zipfile(path)
+    except Exception:
+        is_zip = False
+    if not is_zip:
         raise CheckpointError(
             f"{path}: not a checkpoint archive ({size} bytes; truncated or overwritten: no zip directory at its end)"
         )
