@@ -529,52 +529,52 @@ void quantize_blocks(const scalar_t* x, scalar_t* r, int64_t n, int64_t block, c
 }
 
 // Dense decode: each work item walks its range block by block (one scale per
-// inner loop, no division per entry). 1-bit codes are read straight from
-// their byte; wider codes through a sequential bit reader. `Store` decides
-// what happens to each decoded value: DecodeStore writes it (sign_decode,
-// qsgd_decode), AccumulateStore adds alpha times it into out (the *_accumulate
-// ops; the product is rounded before the add, built with -ffp-contract=off).
+// inner loop, no division per entry). Codes of 1, 2, 4 or 8 bits never straddle
+// a byte: they index a per-block table of the 2^w values, computed once by the
+// same p.value (so the bits are unchanged); wider codes go through a sequential
+// bit reader. `Store` decides what happens to each value: DecodeStore writes it
+// (sign_decode, qsgd_decode); AccumulateStore adds alpha times it into out (the
+// *_accumulate ops). `prepare` runs once per table entry (for the accumulate:
+// the product alpha * value, rounded to fp32, exactly what the per-entry
+// formula rounds), `put` once per entry (built with -ffp-contract=off: no FMA).
 struct DecodeStore {
-  float* out;
-  void operator()(int64_t i, float v) const { out[i] = v; }
+  float* __restrict__ out;
+  float prepare(float v) const { return v; }
+  void put(int64_t i, float pv) const { out[i] = pv; }
 };
 struct AccumulateStore {
-  float* out;
+  float* __restrict__ out;
   float alpha;
-  void operator()(int64_t i, float v) const { out[i] = out[i] + alpha * v; }
+  float prepare(float v) const { return alpha * v; }
+  void put(int64_t i, float pv) const { out[i] = out[i] + pv; }
 };
 
 template <typename Policy, typename Store>
 void dequantize_blocks(const uint8_t* packed, const float* scales, int64_t n, int64_t block,
-                       const Policy& p, const Store& out) {
+                       const Policy& p, const Store& store) {
   const int w = p.bits();
   const uint32_t mask = (1u << w) - 1u;
   for_chunks(n, kChunk, [&](int64_t, int64_t b, int64_t e) {
+    const Store out = store;  // a local copy: its pointer and alpha stay in registers
     const uint8_t* in = packed + ((b * w) >> 3);
     int skip = static_cast<int>((b * w) & 7), nacc = 0;
     uint64_t acc = 0;
     for (int64_t s = b; s < e;) {
       const int64_t blk = s / block, t = std::min(e, (blk + 1) * block);
       const float scale = scales[blk];
-      if (w == 1) {
-        auto bit = [&](int64_t i) { return (packed[i >> 3] >> (i & 7)) & 1u; };
-        int64_t i = s;
-        for (; i < t && (i & 7); ++i) out(i, p.value(bit(i), scale));
-        for (; i + 8 <= t; i += 8) {  // one byte, eight entries, constant shifts
-          const uint32_t byte = packed[i >> 3];
-          for (int j = 0; j < 8; ++j) out(i + j, p.value((byte >> j) & 1u, scale));
-        }
-        for (; i < t; ++i) out(i, p.value(bit(i), scale));
-      } else if (8 % w == 0) {  // 2, 4 or 8 bits: a code never straddles a byte
-        // the block's 2^w values, computed once by the same p.value (so bit-identical): a table
-        // lookup per entry instead of a division
+      if (8 % w == 0) {  // 1, 2, 4 or 8 bits: a table of the block's 2^w (prepared) values
         float lut[256];
-        for (uint32_t c = 0; c <= mask; ++c) lut[c] = p.value(c, scale);
+        for (uint32_t c = 0; c <= mask; ++c) lut[c] = out.prepare(p.value(c, scale));
         const int64_t slot = 8 / w - 1;  // codes per byte - 1 (a power of two minus one)
-        for (int64_t i = s; i < t; ++i) {
-          const uint32_t byte = packed[(i * w) >> 3];
-          out(i, lut[(byte >> ((i & slot) * w)) & mask]);
+        int64_t i = s;
+        if (w == 1) {
+          for (; i < t && (i & 7); ++i) out.put(i, lut[(packed[i >> 3] >> (i & 7)) & 1u]);
+          for (; i + 8 <= t; i += 8) {  // one byte, eight entries, constant shifts
+            const uint32_t byte = packed[i >> 3];
+            for (int j = 0; j < 8; ++j) out.put(i + j, lut[(byte >> j) & 1u]);
+          }
         }
+        for (; i < t; ++i) out.put(i, lut[(packed[(i * w) >> 3] >> ((i & slot) * w)) & mask]);
       } else {
         // other widths: a sequential bit reader (w is fixed per call, so its state from b holds)
         for (int64_t i = s; i < t; ++i) {
@@ -585,7 +585,7 @@ void dequantize_blocks(const uint8_t* packed, const float* scales, int64_t n, in
           acc >>= skip;
           nacc -= skip;
           skip = 0;
-          out(i, p.value(static_cast<uint32_t>(acc) & mask, scale));
+          out.put(i, out.prepare(p.value(static_cast<uint32_t>(acc) & mask, scale)));
           acc >>= w;
           nacc -= w;
         }
