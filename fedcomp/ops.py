@@ -372,7 +372,7 @@ def sign_accumulate(
         ``out``.
     """
     _check_accumulator(out, packed)
-    numel, block = _check_stream(packed, scales, out.numel(), block, 1, "scales")
+    _, block = _check_stream(packed, scales, out.numel(), block, 1, "scales")
     alpha = _check_alpha(alpha)
     _ops.sign_accumulate(out, packed, scales, block, alpha)
     return out
@@ -397,7 +397,7 @@ def qsgd_accumulate(
     """
     _check_accumulator(out, packed)
     levels = _check_int("levels", levels, 1, MAX_LEVELS)
-    numel, bucket = _check_stream(packed, norms, out.numel(), bucket, qsgd_bits(levels), "norms")
+    _, bucket = _check_stream(packed, norms, out.numel(), bucket, qsgd_bits(levels), "norms")
     alpha = _check_alpha(alpha)
     _ops.qsgd_accumulate(out, packed, norms, levels, bucket, alpha)
     return out

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .checkpoint import CHECKPOINT, PREVIOUS
 from .checkpoint import load as load_plain
-from .config import Config
+from .config import EXECUTION_ONLY, Config
 from .data import load_dataset
 from .plots import plot_runs
 
@@ -54,7 +54,7 @@ def run_grid(
         summary = run_dir / "summary.json"
         if summary.is_file():
             saved = json.loads(summary.read_text())["config"]
-            diff = sorted(k for k in saved if saved[k] != cfg.to_dict().get(k) and k != "device")
+            diff = sorted(k for k in saved if saved[k] != cfg.to_dict().get(k) and k not in EXECUTION_ONLY)
             if diff:
                 raise ValueError(
                     f"{run_dir} holds a finished run with other settings ({', '.join(diff)}); use another --out"

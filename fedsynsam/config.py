@@ -19,7 +19,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Config", "COMPRESSORS", "PARTITIONS", "PERTURBATION_MODES", "NOT_IDENTITY", "load_toml", "resolve_device"]
+__all__ = [
+    "Config",
+    "COMPRESSORS",
+    "PARTITIONS",
+    "PERTURBATION_MODES",
+    "EXECUTION_ONLY",
+    "NOT_IDENTITY",
+    "load_toml",
+    "resolve_device",
+]
 
 COMPRESSORS = ("none", "topk", "randk", "sign", "qsgd", "3sfc", "fedsynth")
 PARTITIONS = ("dirichlet", "shards")
@@ -168,8 +177,11 @@ class Config:
         return cfg
 
 
-# Settings that do not change a run's results: a checkpoint may be resumed with other values.
-NOT_IDENTITY = ("rounds", "device")
+# Settings that choose where a run executes, not what it computes: a finished run matches a
+# config that differs only in them.
+EXECUTION_ONLY = ("device",)
+# Settings a checkpoint may be resumed with other values of (a longer run, another device).
+NOT_IDENTITY = ("rounds", *EXECUTION_ONLY)
 
 
 def resolve_device(name: str) -> torch.device:

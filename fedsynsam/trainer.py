@@ -35,7 +35,7 @@ import fedcomp
 from fedcomp.flat import flatten, unflatten
 
 from . import algorithms as alg
-from . import checkpoint as ckpt
+from . import checkpoint as checkpoints
 from .config import NOT_IDENTITY, Config, resolve_device
 from .data import Dataset, dirichlet_partition, load_dataset, shard_partition
 from .models import build_model
@@ -374,7 +374,7 @@ class Trainer:
         st.workers = {int(k): v.clone() for k, v in ckpt["workers"].items()}
 
     def _save_checkpoint(self) -> None:
-        ckpt.save(self.checkpoint(), self.out / ckpt.CHECKPOINT)
+        checkpoints.save(self.checkpoint(), self.out / checkpoints.CHECKPOINT)
 
     # -- the run ---------------------------------------------------------------
     def run(self, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> list[dict]:
@@ -390,20 +390,20 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             metrics = self.out / "metrics.jsonl"
             if resume:
-                state, used = ckpt.load_latest(self.out, map_location=self.device, log=self.log)
-                if used.name != ckpt.CHECKPOINT and (self.out / ckpt.CHECKPOINT).is_file():
+                state, used = checkpoints.load_latest(self.out, map_location=self.device, log=self.log)
+                if used.name != checkpoints.CHECKPOINT and (self.out / checkpoints.CHECKPOINT).is_file():
                     # keep the damaged file for inspection, out of the way of the next rotation
-                    os.replace(self.out / ckpt.CHECKPOINT, self.out / (ckpt.CHECKPOINT + ".bad"))
+                    os.replace(self.out / checkpoints.CHECKPOINT, self.out / (checkpoints.CHECKPOINT + ".bad"))
                 try:
                     self.load_checkpoint(state)
                 except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as e:
-                    raise ckpt.CheckpointError(
+                    raise checkpoints.CheckpointError(
                         f"{used}: not a checkpoint of this trainer ({type(e).__name__}: {e})"
                     ) from None
                 if metrics.is_file():
                     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
                 records = [r for r in records if r["round"] <= self.state.round]
-            elif metrics.exists() or (self.out / ckpt.CHECKPOINT).exists():
+            elif metrics.exists() or (self.out / checkpoints.CHECKPOINT).exists():
                 raise FileExistsError(
                     f"{self.out} already holds a run; pass --resume to continue it or pick another --out"
                 )

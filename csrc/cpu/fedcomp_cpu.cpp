@@ -242,26 +242,6 @@ void topk_ef_impl(const scalar_t* x, scalar_t* r, int64_t n, int64_t k, scalar_t
   }
 }
 
-std::tuple<Tensor, Tensor> topk_ef_cpu(const Tensor& x, const std::optional<Tensor>& residual,
-                                       int64_t k, at::ScalarType index_dtype) {
-  TORCH_CHECK(x.dim() == 1 && x.is_contiguous(), "fedcomp::topk_ef: x must be 1-D contiguous");
-  TORCH_CHECK(k >= 0 && k <= x.numel(), "fedcomp::topk_ef: k out of range");
-  const int64_t n = x.numel();
-  Tensor values = at::empty({k}, x.options());
-  Tensor indices = at::empty({k}, x.options().dtype(index_dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_ef_cpu", [&] {
-    scalar_t* r = residual ? residual->data_ptr<scalar_t>() : nullptr;
-    if (index_dtype == at::kInt) {
-      topk_ef_impl<scalar_t, int32_t>(x.const_data_ptr<scalar_t>(), r, n, k,
-                                      values.data_ptr<scalar_t>(), indices.data_ptr<int32_t>());
-    } else {
-      topk_ef_impl<scalar_t, int64_t>(x.const_data_ptr<scalar_t>(), r, n, k,
-                                      values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
-    }
-  });
-  return {values, indices};
-}
-
 // ===========================================================================
 // topk_threshold_ef: threshold from a Philox sample, then a fixed-capacity
 // compaction in index order. Two passes: count per chunk, then write
@@ -463,14 +443,17 @@ void for_rows(int64_t m, const F& row) {
   }
 }
 
-std::tuple<Tensor, Tensor> topk_ef_rows_cpu(const Tensor& x, const std::optional<Tensor>& residual, int64_t k,
-                                            at::ScalarType index_dtype) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fedcomp::topk_ef_rows: x must be 2-D contiguous");
-  const int64_t m = x.size(0), n = x.size(1);
-  TORCH_CHECK(k >= 0 && k <= n, "fedcomp::topk_ef_rows: k out of range");
-  Tensor values = at::empty({m, k}, x.options());
-  Tensor indices = at::empty({m, k}, x.options().dtype(index_dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_ef_rows_cpu", [&] {
+// x is [n] (one client, the kernel parallel inside) or [m, n] (one row per client).
+std::tuple<Tensor, Tensor> topk_ef_cpu(const Tensor& x, const std::optional<Tensor>& residual, int64_t k,
+                                       at::ScalarType index_dtype) {
+  TORCH_CHECK((x.dim() == 1 || x.dim() == 2) && x.is_contiguous(), "fedcomp::topk_ef: x must be 1-D or 2-D contiguous");
+  const bool stacked = x.dim() == 2;
+  const int64_t m = stacked ? x.size(0) : 1, n = x.size(-1);
+  TORCH_CHECK(k >= 0 && k <= n, "fedcomp::topk_ef: k out of range");
+  const auto shape = stacked ? std::vector<int64_t>{m, k} : std::vector<int64_t>{k};
+  Tensor values = at::empty(shape, x.options());
+  Tensor indices = at::empty(shape, x.options().dtype(index_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_ef_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* r = residual ? residual->data_ptr<scalar_t>() : nullptr;
     scalar_t* v = values.data_ptr<scalar_t>();
@@ -595,20 +578,28 @@ void dequantize_blocks(const uint8_t* packed, const float* scales, int64_t n, in
   });
 }
 
+// x is [n] or [m, n] (one row per client, each quantised exactly as a 1-D call).
 template <typename Policy>
 std::tuple<Tensor, Tensor> quantize_cpu(const Tensor& x, const std::optional<Tensor>& residual,
                                         int64_t block, const Policy& p, const char* name) {
-  TORCH_CHECK(x.dim() == 1 && x.is_contiguous(), "fedcomp::", name, ": x must be 1-D contiguous");
+  TORCH_CHECK((x.dim() == 1 || x.dim() == 2) && x.is_contiguous(), "fedcomp::", name,
+              ": x must be 1-D or 2-D contiguous");
   TORCH_CHECK(block >= 1, "fedcomp::", name, ": block must be >= 1");
-  const int64_t n = x.numel();
-  Tensor packed = at::zeros({ceil_div(n * p.bits(), 8)}, x.options().dtype(at::kByte));
-  Tensor scales = at::empty({ceil_div(n, block)}, x.options().dtype(at::kFloat));
+  const bool stacked = x.dim() == 2;
+  const int64_t m = stacked ? x.size(0) : 1, n = x.size(-1);
+  const int64_t nbytes = ceil_div(n * p.bits(), 8), nblocks = ceil_div(n, block);
+  auto shape = [&](int64_t len) { return stacked ? std::vector<int64_t>{m, len} : std::vector<int64_t>{len}; };
+  Tensor packed = at::zeros(shape(nbytes), x.options().dtype(at::kByte));
+  Tensor scales = at::empty(shape(nblocks), x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* r = residual ? residual->data_ptr<scalar_t>() : nullptr;
     uint8_t* pk = packed.data_ptr<uint8_t>();
     float* sc = scales.data_ptr<float>();
-    if (residual) quantize_blocks<true>(xp, residual->data_ptr<scalar_t>(), n, block, p, pk, sc);
-    else quantize_blocks<false>(xp, static_cast<scalar_t*>(nullptr), n, block, p, pk, sc);
+    for_rows(m, [&](int64_t i) {
+      if (r) quantize_blocks<true>(xp + i * n, r + i * n, n, block, p, pk + i * nbytes, sc + i * nblocks);
+      else quantize_blocks<false>(xp + i * n, r, n, block, p, pk + i * nbytes, sc + i * nblocks);
+    });
   });
   return {packed, scales};
 }
@@ -650,29 +641,6 @@ std::tuple<Tensor, Tensor> sign_ef_cpu(const Tensor& x, const std::optional<Tens
 
 Tensor sign_decode_cpu(const Tensor& packed, const Tensor& scales, int64_t numel, int64_t block) {
   return dequantize_cpu(packed, scales, numel, block, SignPolicy<false>{});
-}
-
-std::tuple<Tensor, Tensor> sign_ef_rows_cpu(const Tensor& x, const std::optional<Tensor>& residual,
-                                            int64_t block, bool l2) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && block >= 1, "fedcomp::sign_ef_rows: bad arguments");
-  const int64_t m = x.size(0), n = x.size(1), nbytes = ceil_div(n, 8), nblocks = ceil_div(n, block);
-  Tensor packed = at::zeros({m, nbytes}, x.options().dtype(at::kByte));
-  Tensor scales = at::empty({m, nblocks}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sign_ef_rows_cpu", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* r = residual ? residual->data_ptr<scalar_t>() : nullptr;
-    uint8_t* pk = packed.data_ptr<uint8_t>();
-    float* sc = scales.data_ptr<float>();
-    for_rows(m, [&](int64_t i) {
-      auto run = [&](auto policy) {
-        if (r) quantize_blocks<true>(xp + i * n, r + i * n, n, block, policy, pk + i * nbytes, sc + i * nblocks);
-        else quantize_blocks<false>(xp + i * n, r, n, block, policy, pk + i * nbytes, sc + i * nblocks);
-      };
-      if (l2) run(SignPolicy<true>{});
-      else run(SignPolicy<false>{});
-    });
-  });
-  return {packed, scales};
 }
 
 void sign_accumulate_cpu(const Tensor& out, const Tensor& packed, const Tensor& scales, int64_t block,
@@ -779,8 +747,8 @@ TORCH_LIBRARY_IMPL(fedcomp, CPU, m) {
   m.impl("qsgd_decode", &qsgd_decode_cpu);
   m.impl("sparse_accumulate", &sparse_accumulate_cpu);
   m.impl("sign_accumulate", &sign_accumulate_cpu);
-  m.impl("topk_ef_rows", &topk_ef_rows_cpu);
-  m.impl("sign_ef_rows", &sign_ef_rows_cpu);
+  m.impl("topk_ef_rows", &topk_ef_cpu);  // the same kernels serve [n] and [m, n]
+  m.impl("sign_ef_rows", &sign_ef_cpu);
   m.impl("qsgd_accumulate", &qsgd_accumulate_cpu);
 }
 
