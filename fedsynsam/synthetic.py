@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+import fedcomp
 from fedcomp.flat import FlatSpec
 
 __all__ = ["SyntheticSet", "distill", "matching_loss"]
@@ -34,9 +35,31 @@ class SyntheticSet:
     version: int  # refresh counter (1 for the first set)
 
     @property
+    def numel(self) -> int:
+        """Floats in :meth:`flat`: images, label logits and the log step size."""
+        return self.images.numel() + self.label_logits.numel() + 1
+
+    @property
     def nbytes(self) -> int:
-        """Bytes to send it down: fp32 images, label logits and the step size."""
-        return 4 * (self.images.numel() + self.label_logits.numel() + 1)
+        """Bytes to send it down: :meth:`flat` as a fedcomp identity payload (``52 + 4 * numel``)."""
+        return fedcomp.Identity().wire_bytes(self.numel)
+
+    def flat(self) -> Tensor:
+        """``[numel]`` float32: images, label logits, log step size (what goes down the wire)."""
+        return torch.cat([self.images.reshape(-1), self.label_logits.reshape(-1), self.log_lr.reshape(1)]).float()
+
+    @classmethod
+    def from_flat(cls, flat: Tensor, like_images: tuple, num_classes: int, version: int) -> SyntheticSet:
+        """Inverse of :meth:`flat` for ``like_images`` = the images' shape ``[m, C, H, W]``."""
+        m, d = like_images[0], math.prod(like_images[1:])
+        if flat.numel() != m * (d + num_classes) + 1:
+            raise ValueError(
+                f"a synthetic set of {like_images} images and {num_classes} classes has "
+                f"{m * (d + num_classes) + 1} floats; got {flat.numel()}"
+            )
+        images = flat[: m * d].reshape(like_images).clone()
+        labels = flat[m * d : m * (d + num_classes)].reshape(m, num_classes).clone()
+        return cls(images, labels, flat[-1].clone(), int(version))
 
     def state_dict(self) -> dict:
         return {

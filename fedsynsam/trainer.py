@@ -39,6 +39,17 @@ from . import checkpoint as checkpoints
 from .config import NOT_IDENTITY, Config, resolve_device
 from .data import Dataset, dirichlet_partition, load_dataset, shard_partition
 from .models import build_model
+from .rounds import (
+    RoundPlan,
+    RoundResult,
+    client_update,
+    counter,
+    dense_bytes,
+    momentum_for,
+    needs_u_prev,
+    perturbation_for,
+)
+from .rounds import generator as _generator
 from .syncomp import FedSynth, ModelCompressor, ThreeSFC
 from .synthetic import SyntheticSet, distill
 
@@ -88,14 +99,6 @@ def build_uplink(cfg: Config, model=None, spec=None, data: Dataset | None = None
     return fedcomp.ErrorFeedback(base) if cfg.error_feedback and cfg.compressor != "none" else base
 
 
-def _generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded by a tuple of small ints (seed, round, purpose, client)."""
-    h = 0
-    for k in key:
-        h = (h * 1_000_003 + int(k) + 1) % (2**63 - 1)
-    return torch.Generator().manual_seed(h)
-
-
 @dataclass
 class RunState:
     """Everything that evolves over rounds (what the checkpoint holds)."""
@@ -135,7 +138,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the model is initialised on the CPU: the same start on every device
         self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
         w0, self.spec = flatten(self.model)
-        self.views = unflatten(torch.empty_like(w0), self.spec)  # scratch for loading params
         self.params = dict(self.model.named_parameters())
         if cfg.partition == "dirichlet":
             self.partition = dirichlet_partition(data.y_train, cfg.clients, cfg.alpha, cfg.seed)
@@ -160,9 +162,6 @@ class Trainer:
             for name, view in unflatten(flat, self.spec).items():
                 self.params[name].copy_(view)
 
-    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [v.clone() for v in unflatten(flat, self.spec).values()]
-
     @torch.no_grad()
     def evaluate(self, flat: torch.Tensor | None = None) -> tuple[float, float]:
         """(test accuracy, test loss) of ``flat`` (default: the global model)."""
@@ -172,85 +171,87 @@ class Trainer:
         acc = float((logits.argmax(1) == self.data.y_test).float().mean())
         return acc, loss
 
-    # -- perturbation of this round ------------------------------------------
-    def _direction_flat(self) -> torch.Tensor | None:
-        u = self.state.u_prev
-        return None if u is None else -u
-
-    def _round_perturbation(self) -> tuple[alg.Perturbation, str]:
-        """The perturbation source of this round and which one it is (for the record)."""
+    # -- one round: plan (server), clients, apply (server) ----------------------
+    def _round_source(self) -> str:
         cfg, st = self.cfg, self.state
         if cfg.algorithm in ("fedavg", "dppf"):
-            return alg.NoPerturbation(), "none"
+            return "none"
         if cfg.algorithm in ("fedsam", "mofedsam"):
-            return alg.BatchGradient(cfg.rho), "batch"
+            return "batch"
         if cfg.algorithm == "fedsynsam" and st.synthetic is not None:
-            if cfg.perturbation == "client":
-                return alg.SyntheticGradient(st.synthetic.images, st.synthetic.label_logits, cfg.rho), "synthetic"
-            self.load_flat(st.w)
-            params = [p for p in self.model.parameters()]
-            g = torch.autograd.grad(
-                alg.soft_cross_entropy(self.model(st.synthetic.images), st.synthetic.label_logits), params
-            )
-            return alg.FixedDirection([t.detach() for t in g], cfg.rho), "synthetic-server"
-        d = self._direction_flat()
-        return alg.FixedDirection(None if d is None else self._split(d), cfg.rho), "previous-update"
+            return "synthetic" if cfg.perturbation == "client" else "synthetic-server"
+        return "previous-update"
 
-    def _downlink_per_client(self, source: str, client: int) -> int:
-        dense = fedcomp.Identity().wire_bytes(self.numel)
-        # the global model, or (3SFC double-way) the compressed aggregate, counted when it is made
-        total = 0 if self.downlink is not None else dense
-        if self.cfg.algorithm == "mofedsam" or source == "previous-update":
-            total += dense if self.state.u_prev is not None else 0
+    def plan_round(self) -> RoundPlan:
+        """The server's half before the clients run: sample, pick the perturbation, gather what to send."""
+        cfg, st = self.cfg, self.state
+        t = st.round
+        clients = torch.randperm(cfg.clients, generator=_generator(cfg.seed, t, 0))[: cfg.per_round].sort().values
+        source = self._round_source()
+        plan = RoundPlan(round=t, clients=clients.tolist(), source=source, w=st.w)
+        if needs_u_prev(cfg, source):
+            plan.u_prev = st.u_prev
         if source == "synthetic":
-            if self.state.client_syn_version.get(client) != self.state.synthetic.version:
-                total += self.state.synthetic.nbytes
-                self.state.client_syn_version[client] = self.state.synthetic.version
-        elif source == "synthetic-server":
+            plan.synthetic = st.synthetic
+        elif source == "synthetic-server":  # the server computes g_syn(w^t) once and sends it
+            self.load_flat(st.w)
+            g = torch.autograd.grad(
+                alg.soft_cross_entropy(self.model(st.synthetic.images), st.synthetic.label_logits),
+                list(self.model.parameters()),
+            )
+            plan.direction = torch.cat([x.detach().reshape(-1) for x in g])
+        seeded = counter(self.uplink)
+        plan.first_call = seeded.calls if seeded is not None else 0
+        return plan
+
+    def downlink_bytes(self, plan: RoundPlan, client: int) -> int:
+        """Bytes sent down to ``client`` for ``plan``: each dense tensor as an identity payload.
+
+        The global model (unless 3SFC double-way, whose compressed aggregate is counted when it
+        is made), ``u^{t-1}`` when the clients need it, ``g_syn`` in server mode, and ``D_syn``
+        when the client does not hold its current version (then it does).
+        """
+        dense = dense_bytes(self.numel)
+        total = 0 if self.downlink is not None else dense
+        if plan.u_prev is not None:
             total += dense
+        if plan.direction is not None:
+            total += dense
+        if plan.synthetic is not None and self.state.client_syn_version.get(client) != plan.synthetic.version:
+            total += plan.synthetic.nbytes
+            self.state.client_syn_version[client] = plan.synthetic.version
         return total
 
-    # -- one round -----------------------------------------------------------
-    def run_round(self) -> dict:
+    def run_clients(self, plan: RoundPlan) -> RoundResult:
+        """Every sampled client in this process: local steps, then all updates compressed together
+        (one batched op for top-k and sign with error feedback), each payload through the bytes."""
         cfg, st = self.cfg, self.state
-        t, start = st.round, time.perf_counter()
-        clients = torch.randperm(cfg.clients, generator=_generator(cfg.seed, t, 0))[: cfg.per_round].sort().values
-        perturbation, source = self._round_perturbation()
-        momentum = None
-        if cfg.algorithm == "mofedsam" and st.u_prev is not None:
-            momentum = self._split(-st.u_prev / (cfg.local_steps * cfg.lr))
-        payloads, losses, down, finished = [], [], 0, {}
-        sampled = clients.tolist()
-        deltas = st.w.new_empty((len(sampled), self.numel))  # row j: client j's update
-        for j, c in enumerate(sampled):
-            down += self._downlink_per_client(source, c)
+        perturbation, momentum = perturbation_for(cfg, plan, self.spec), momentum_for(cfg, plan, self.spec)
+        losses, down, finished = [], 0, {}
+        deltas = st.w.new_empty((len(plan.clients), self.numel))  # row j: client j's update
+        for j, c in enumerate(plan.clients):
+            down += self.downlink_bytes(plan, c)
             tic = time.perf_counter()
-            start_model = st.workers.get(c, st.w) if cfg.algorithm == "dppf" else st.w
-            self.load_flat(start_model)
             idx = self.client_index[c]
-            loss = alg.local_train(
+            _, loss, model_c = client_update(
+                cfg,
                 self.model,
+                self.spec,
                 self.data.x_train[idx],
                 self.data.y_train[idx],
-                steps=cfg.local_steps,
-                batch_size=cfg.batch_size,
-                lr=cfg.lr,
+                plan,
+                c,
                 perturbation=perturbation,
-                generator=_generator(cfg.seed, t, 1, c),
                 momentum=momentum,
-                alpha=cfg.mofedsam_alpha if momentum is not None else 1.0,
-                weight_decay=cfg.weight_decay,
+                start=st.workers.get(c) if cfg.algorithm == "dppf" else None,
+                out=deltas[j],
             )
             losses.append(loss)
-            flatten(self.model, out=deltas[j])
-            if cfg.algorithm == "dppf":
-                finished[c] = deltas[j].clone()  # the worker's model after its local steps
-            deltas[j].sub_(st.w)
+            if model_c is not None:
+                finished[c] = model_c
             self.timings["local"] += time.perf_counter() - tic
-        # every sampled client's update is ready: compress them together (one batched op for
-        # top-k and sign with error feedback), then each payload crosses the wire as bytes
         tic2 = time.perf_counter()
-        keys = [f"client{c}" for c in sampled]
+        keys = [f"client{c}" for c in plan.clients]
         if isinstance(self.uplink, ModelCompressor):
             sent = [self.uplink.compress(d, key, st.w) for d, key in zip(deltas, keys)]
         elif isinstance(self.uplink, fedcomp.ErrorFeedback):
@@ -258,32 +259,52 @@ class Trainer:
         else:
             sent = [self.uplink.compress(d) for d in deltas]
         tic3 = time.perf_counter()
-        for payload in sent:
-            wire = payload.to_bytes()  # the only device -> host copy of the round's uploads
-            payloads.append(fedcomp.Payload.from_bytes(wire, device=self.device))
+        # the only device -> host copy of the round's uploads, then back as a receiver would
+        payloads = [fedcomp.Payload.from_bytes(p.to_bytes(), device=self.device) for p in sent]
         self.timings["compress"] += tic3 - tic2
         self.timings["wire"] += time.perf_counter() - tic3
+        return RoundResult(payloads, losses, down, finished=finished)
+
+    def run_round(self, clients=None) -> dict:
+        """One round; ``clients`` runs the sampled clients (default: :meth:`run_clients`, in process)."""
+        start = time.perf_counter()
+        plan = self.plan_round()
+        result = (clients or self.run_clients)(plan)
+        return self.apply_round(plan, result, start)
+
+    def apply_round(self, plan: RoundPlan, result: RoundResult, start: float | None = None) -> dict:
+        """The server's half after the clients: aggregate, update the state, refresh, evaluate.
+
+        A round in which no client's payload arrived keeps the model (and ``u^{t-1}``); its record
+        says so with ``train_loss = None``.
+        """
+        cfg, st = self.cfg, self.state
+        t, start = plan.round, time.perf_counter() if start is None else start
+        payloads, down = result.payloads, result.downlink_bytes
         tic = time.perf_counter()
-        if isinstance(self.uplink, ModelCompressor):
-            update = torch.stack([self.uplink.decode(p, st.w) for p in payloads]).mean(0)
+        if payloads:
+            if isinstance(self.uplink, ModelCompressor):
+                update = torch.stack([self.uplink.decode(p, st.w) for p in payloads]).mean(0)
+            else:
+                update = fedcomp.aggregate(payloads)
+            if cfg.server_lr != 1.0:
+                update.mul_(cfg.server_lr)
+            if self.downlink is not None:
+                broadcast = fedcomp.Payload.from_bytes(
+                    self.downlink.compress(update, "server", st.w).to_bytes(), device=self.device
+                )
+                update = self.downlink.decode(broadcast, st.w)
+                down += len(plan.clients) * broadcast.nbytes
+            st.w.add_(update)
+            st.u_prev = update
+            for c, model_c in result.finished.items():  # DPPF: pull toward the new mean, push to keep the spread
+                st.workers[c] = alg.pull_push(model_c, st.w, cfg.dppf_alpha, cfg.dppf_lambda)
         else:
-            update = fedcomp.aggregate(payloads)
-        if cfg.server_lr != 1.0:
-            update.mul_(cfg.server_lr)
-        if self.downlink is not None:
-            broadcast = fedcomp.Payload.from_bytes(
-                self.downlink.compress(update, "server", st.w).to_bytes(), device=self.device
-            )
-            update = self.downlink.decode(broadcast, st.w)
-            down += len(clients) * broadcast.nbytes
-        st.w.add_(update)
-        st.u_prev = update
-        for c, model_c in finished.items():  # DPPF: pull toward the new mean, push to keep the spread
-            st.workers[c] = alg.pull_push(model_c, st.w, cfg.dppf_alpha, cfg.dppf_lambda)
+            self.log(f"round {t + 1}: no client's update arrived intact; the global model is kept")
         self.timings["aggregate"] += time.perf_counter() - tic
-        up = sum(p.nbytes for p in payloads)
-        st.trajectory.append(st.w.clone())
-        del st.trajectory[: -cfg.syn_window]
+        if payloads:
+            st.trajectory.append(st.w.clone())
+            del st.trajectory[: -cfg.syn_window]
         st.round = t + 1
         if cfg.algorithm == "fedsynsam":
             self._maybe_refresh()
@@ -295,13 +316,15 @@ class Trainer:
             record["test_acc"] = record["test_loss"] = None
         self.timings["eval"] += time.perf_counter() - tic
         record.update(
-            train_loss=sum(losses) / len(losses),
-            uplink_bytes=up,
+            train_loss=sum(result.losses) / len(result.losses) if result.losses else None,
+            uplink_bytes=sum(p.nbytes for p in payloads),
             downlink_bytes=down,
             seconds=time.perf_counter() - start,
-            perturbation=source,
+            perturbation=plan.source,
         )
-        if cfg.algorithm == "dppf":
+        if result.failed:
+            record["failed_clients"] = result.failed
+        if cfg.algorithm == "dppf" and st.workers:
             record["worker_spread"] = sum(float((m - st.w).norm()) for m in st.workers.values()) / len(st.workers)
         return record
 

@@ -54,7 +54,7 @@ def test_downlink_bytes_follow_the_algorithm():
     trainer = Trainer(tiny(algorithm="fedsynsam", rounds=4, clients=2, syn_min_models=3), dataset=DIGITS)
     rec = trainer.run(progress=False)
     syn = trainer.state.synthetic.nbytes
-    assert syn == 4 * (10 * 64 + 10 * 10 + 1)
+    assert syn == fedcomp.Identity().wire_bytes(10 * 64 + 10 * 10 + 1) == 52 + 4 * (10 * 64 + 10 * 10 + 1)
     # round 1: model only; round 2: model + u^1 (no D_syn yet); later: model + D_syn when its version is new
     assert rec[0]["downlink_bytes"] == 2 * dense
     assert rec[1]["downlink_bytes"] == 4 * dense
