@@ -26,9 +26,19 @@ from fedcomp.flat import FlatSpec, flatten, unflatten
 
 from . import algorithms as alg
 from .config import Config
+from .data import dirichlet_partition, shard_partition
 from .synthetic import SyntheticSet
 
-__all__ = ["RoundPlan", "RoundResult", "generator", "perturbation_for", "momentum_for", "client_update", "counter"]
+__all__ = [
+    "RoundPlan",
+    "RoundResult",
+    "generator",
+    "perturbation_for",
+    "momentum_for",
+    "client_update",
+    "counter",
+    "partition_for",
+]
 
 
 def generator(*key: int) -> torch.Generator:
@@ -69,6 +79,13 @@ class RoundResult:
     downlink_bytes: int
     failed: list = field(default_factory=list)  # {"client", "reason"} of each client that failed
     finished: dict = field(default_factory=dict)  # DPPF: client -> its model after the local steps
+
+
+def partition_for(cfg: Config, labels: Tensor) -> list[list[int]]:
+    """Training-sample indices of each of ``cfg.clients`` clients (the same on every node for a seed)."""
+    if cfg.partition == "dirichlet":
+        return dirichlet_partition(labels, cfg.clients, cfg.alpha, cfg.seed)
+    return shard_partition(labels, cfg.clients, cfg.shards_per_client, cfg.seed)
 
 
 def counter(uplink):

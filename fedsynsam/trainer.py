@@ -37,7 +37,7 @@ from fedcomp.flat import flatten, unflatten
 from . import algorithms as alg
 from . import checkpoint as checkpoints
 from .config import NOT_IDENTITY, Config, resolve_device
-from .data import Dataset, dirichlet_partition, load_dataset, shard_partition
+from .data import Dataset, load_dataset
 from .models import build_model
 from .rounds import (
     RoundPlan,
@@ -47,6 +47,7 @@ from .rounds import (
     dense_bytes,
     momentum_for,
     needs_u_prev,
+    partition_for,
     perturbation_for,
 )
 from .rounds import generator as _generator
@@ -139,10 +140,7 @@ class Trainer:
         self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
         w0, self.spec = flatten(self.model)
         self.params = dict(self.model.named_parameters())
-        if cfg.partition == "dirichlet":
-            self.partition = dirichlet_partition(data.y_train, cfg.clients, cfg.alpha, cfg.seed)
-        else:
-            self.partition = shard_partition(data.y_train, cfg.clients, cfg.shards_per_client, cfg.seed)
+        self.partition = partition_for(cfg, data.y_train)
         self.client_index = [torch.tensor(p, dtype=torch.long, device=self.device) for p in self.partition]
         self.uplink = build_uplink(cfg, self.model, self.spec, self.data)
         # 3SFC double-way: the server compresses what it broadcasts, with its own residual
@@ -400,8 +398,12 @@ class Trainer:
         checkpoints.save(self.checkpoint(), self.out / checkpoints.CHECKPOINT)
 
     # -- the run ---------------------------------------------------------------
-    def run(self, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> list[dict]:
+    def run(
+        self, *, resume: bool = False, progress: bool = True, stop_after: int | None = None, clients=None
+    ) -> list[dict]:
         """Run to ``cfg.rounds`` (or stop after round ``stop_after``); returns every round's record.
+
+        ``clients`` runs each round's sampled clients (:meth:`run_round`); the default runs them here.
 
         Writes into the output folder: ``config.json``, ``partition.json``, ``metrics.jsonl``,
         ``checkpoint.pt``, ``summary.json`` and the plots.
@@ -443,7 +445,7 @@ class Trainer:
             leave=False,
         )
         while self.state.round < last:
-            rec = self.run_round()
+            rec = self.run_round(clients)
             records.append(rec)
             if self.out is not None:
                 with (self.out / "metrics.jsonl").open("a") as f:

@@ -1,0 +1,34 @@
+"""fedsynsam on Flower's deployment runtime (SuperLink + SuperNodes over the network).
+
+The same rounds as the in-process :class:`fedsynsam.trainer.Trainer`, split where the
+network splits them (:mod:`fedsynsam.rounds`):
+
+* :mod:`.server_app` -- the ServerApp: the trainer's server half (sampling, the trajectory
+  and ``D_syn``, ``fedcomp.aggregate``, checkpoints, the same outputs as ``fedsynsam train``);
+  each round's sampled clients are Flower messages.
+* :mod:`.client_app` -- the ClientApp: the client half (local steps with the algorithm's
+  perturbation, then error-feedback compression); the payload goes up as its fedcomp
+  bytes; the EF residual stays in the node's context state and is never sent.
+* :mod:`.protocol` -- what the messages hold, and the checks on every reply.
+* :mod:`.settings` -- the run config: every :class:`~fedsynsam.config.Config` setting plus
+  the app's own (``out``, ``round_timeout``, ``connect_timeout``, ``inject_faults``).
+* :mod:`.deploy` -- a local federation (one SuperLink, N SuperNodes on 127.0.0.1 with free
+  ports) that the tests and ``fedsynsam flower demo`` start and always tear down.
+
+Needs the ``flower`` extra: ``pip install "fedcomp[flower]"``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["require_flwr"]
+
+
+def require_flwr():
+    """Import and return ``flwr``, or raise ImportError saying how to install it."""
+    try:
+        import flwr
+    except ImportError as e:  # pragma: no cover - the test extra pulls flwr
+        raise ImportError(
+            'fedsynsam.flower needs Flower: pip install "fedcomp[flower]" (flwr>=1.42; no Ray needed)'
+        ) from e
+    return flwr

@@ -1,0 +1,269 @@
+"""A real Flower federation on this machine: one SuperLink and N SuperNodes on 127.0.0.1.
+
+Used by the tests, ``fedsynsam flower demo`` and the benchmark. Every process is started
+with free ports, bounded waits and a marker in its environment; :meth:`LocalFederation.stop`
+(also on exceptions, via ``with``) ends every process carrying the marker -- including the
+SuperExec, ServerApp and ClientApp processes Flower starts detached in their own sessions --
+so nothing is left behind. ``--insecure`` is used only here, on the loopback interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+__all__ = ["LocalFederation", "FlowerRunError", "free_port", "flwr_bin"]
+
+CONNECTION = "fedsynsam-local"
+_MARK = "FEDSYNSAM_FEDERATION"
+
+
+class FlowerRunError(RuntimeError):
+    """A Flower process or run failed; the message ends with the tail of its log."""
+
+
+def flwr_bin(name: str) -> str:
+    """The path of a Flower executable (``flwr``, ``flower-superlink``, ...) next to this Python."""
+    path = Path(sys.executable).parent / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{name} not found next to {sys.executable}; install Flower: pip install 'fedcomp[flower]'"
+        )
+    return str(path)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+def _marked_pids(token: str) -> list[int]:
+    """Processes whose environment carries ``token`` (Linux: /proc; elsewhere: none found)."""
+    needle = f"{_MARK}={token}".encode()
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return [p for p in pids if p != os.getpid()]
+
+
+class LocalFederation:
+    """``with LocalFederation(4, workdir) as fed: fed.run(app_dir, run_config)``.
+
+    Args:
+        supernodes: SuperNodes to start; node ``i`` gets ``partition-id=i num-partitions=supernodes``.
+        workdir: folder for the logs (``superlink.log``, ``supernode-I.log``, ``run-K.log``) and
+            the Flower configuration (``flwr-home/``).
+        env: extra environment for every process (e.g. ``OMP_NUM_THREADS=1``).
+        startup_timeout: seconds to wait for the SuperLink to listen.
+    """
+
+    def __init__(self, supernodes: int, workdir, *, env: dict | None = None, startup_timeout: float = 60.0):
+        if isinstance(supernodes, bool) or not isinstance(supernodes, int) or supernodes < 1:
+            raise ValueError(f"supernodes must be an integer >= 1; got {supernodes!r}")
+        self.supernodes, self.workdir = supernodes, Path(workdir)
+        self.startup_timeout = startup_timeout
+        self.token = uuid.uuid4().hex
+        self.procs: list[subprocess.Popen] = []
+        self.port: int | None = None
+        self.runs = 0
+        bindir = str(Path(sys.executable).parent)  # SuperNodes start flower-superexec by name
+        self.env = {
+            **os.environ,
+            **(env or {}),
+            "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+            "FLWR_HOME": str(self.workdir / "flwr-home"),
+            "PYTHONUNBUFFERED": "1",
+            _MARK: self.token,
+        }
+
+    # -- processes ---------------------------------------------------------------
+    def _spawn(self, args: list[str], log: Path) -> subprocess.Popen:
+        with log.open("wb") as f:
+            proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> LocalFederation:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "flwr-home").mkdir(exist_ok=True)
+        try:
+            for attempt in range(3):  # a free port can be taken between the check and the bind
+                self.port = free_port()
+                log = self.workdir / "superlink.log"
+                link = self._spawn(
+                    [
+                        flwr_bin("flower-superlink"),
+                        "--insecure",
+                        "--disable-runtime-dependency-installation",
+                        "--port",
+                        str(self.port),
+                    ],
+                    log,
+                )
+                deadline = time.monotonic() + self.startup_timeout
+                while link.poll() is None and not _listening(self.port) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if link.poll() is None and _listening(self.port):
+                    break
+                self._stop_procs()
+                if attempt == 2 or link.poll() is None:
+                    raise FlowerRunError(
+                        f"flower-superlink did not listen on 127.0.0.1:{self.port} within "
+                        f"{self.startup_timeout:g}s (exit code {link.poll()}):\n{_tail(log)}"
+                    )
+            for i in range(self.supernodes):
+                self._spawn(
+                    [
+                        flwr_bin("flower-supernode"),
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{self.port}",
+                        "--port",
+                        str(free_port()),
+                        "--node-config",
+                        f"partition-id={i} num-partitions={self.supernodes}",
+                        "--max-retries",
+                        "5",
+                        "--max-wait-time",
+                        "30",
+                    ],
+                    self.workdir / f"supernode-{i}.log",
+                )
+            (self.workdir / "flwr-home" / "config.toml").write_text(
+                f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+                f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def run(self, app_dir, run_config=None, *, timeout: float = 900.0, echo=None) -> str:
+        """``flwr run APP_DIR`` on this federation, streaming its log; returns the log text.
+
+        ``run_config``: a TOML file of overrides (keys of the app's config). ``echo``: called
+        with each output line (e.g. ``print``). Raises :class:`FlowerRunError` if ``flwr run``
+        fails, or if it outlives ``timeout`` seconds (then it is killed).
+        """
+        for i, proc in enumerate(self.procs[1:]):
+            if proc.poll() is not None:
+                raise FlowerRunError(
+                    f"SuperNode {i} exited (code {proc.returncode}):\n{_tail(self.workdir / f'supernode-{i}.log')}"
+                )
+        self.runs += 1
+        log = self.workdir / f"run-{self.runs}.log"
+        args = [flwr_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+        if run_config is not None:
+            args += ["--run-config", str(run_config)]
+        deadline = time.monotonic() + timeout
+        lines = []
+        with log.open("w") as f:
+            proc = subprocess.Popen(
+                args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, text=True, start_new_session=True
+            )
+            try:
+                os.set_blocking(proc.stdout.fileno(), False)
+                while True:
+                    line = proc.stdout.readline()
+                    if line:
+                        lines.append(line)
+                        f.write(line)
+                        f.flush()
+                        if echo is not None:
+                            echo(line.rstrip("\n"))
+                        continue
+                    if proc.poll() is not None:
+                        rest = proc.stdout.read() or ""
+                        lines.append(rest)
+                        f.write(rest)
+                        break
+                    if time.monotonic() > deadline:
+                        raise FlowerRunError(f"flwr run did not finish within {timeout:g}s:\n{_tail(log)}")
+                    time.sleep(0.05)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        text = "".join(lines)
+        if proc.returncode != 0:
+            raise FlowerRunError(f"flwr run exited with code {proc.returncode}:\n{_tail(log)}")
+        return text
+
+    # -- teardown ----------------------------------------------------------------
+    def _stop_procs(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        self.procs_wait(5.0)
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs = []
+
+    def procs_wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+
+    def alive(self) -> list[int]:
+        """Process ids of this federation still running (any depth, detached or not)."""
+        return [p for p in _marked_pids(self.token) if _running(p)]
+
+    def stop(self) -> None:
+        """End every process of this federation: SIGTERM, then SIGKILL after 5 s."""
+        self._stop_procs()
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+            pids = self.alive()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + wait
+            while pids and time.monotonic() < deadline:
+                pids = self.alive()
+                time.sleep(0.1)
+
+    def __enter__(self) -> LocalFederation:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

@@ -1,0 +1,176 @@
+"""The fedsynsam ServerApp: the in-process trainer's server half, with Flower messages for clients.
+
+The server is a :class:`fedsynsam.trainer.Trainer` (global model, trajectory and ``D_syn``,
+sampling, ``fedcomp.aggregate``, checkpoints, ``config.json`` / ``metrics.jsonl`` /
+``summary.json`` / plots in ``out``); :class:`FlowerClients` replaces its in-process client
+loop. A client whose reply is an error, fails the payload checks (CRC, kind, size) or misses
+``round_timeout`` costs that client only: the round aggregates the rest and its record lists
+``failed_clients`` with the reasons. A round with no valid reply keeps the model.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from ..rounds import RoundPlan, RoundResult, counter
+from ..syncomp import ModelCompressor
+from ..trainer import Trainer
+from . import protocol
+from .settings import from_run_config
+
+__all__ = ["app", "FlowerClients"]
+
+app = ServerApp()
+
+
+def _log(line: str) -> None:
+    print(f"fedsynsam: {line}", file=sys.stderr, flush=True)
+
+
+class FlowerClients:
+    """Runs a round's sampled clients on the SuperNodes that hold their partitions."""
+
+    def __init__(self, grid: Grid, trainer: Trainer, *, round_timeout: float, connect_timeout: float, log=_log):
+        self.grid, self.trainer, self.log = grid, trainer, log
+        self.round_timeout = round_timeout
+        self.nodes = self._discover(trainer.cfg.clients, connect_timeout)
+        self.accepted: dict[int, int] = {}  # client -> last round whose payload was aggregated
+        self.message_bytes = {"down": 0, "up": 0}  # Flower's serialised messages, for the benchmark
+
+    def _discover(self, clients: int, timeout: float) -> dict[int, int]:
+        """``partition-id -> node id`` for every partition, asking each connected node once."""
+        nodes: dict[int, int] = {}
+        asked: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(nodes) < clients:
+            new = [n for n in self.grid.get_node_ids() if n not in asked]
+            asked.update(new)
+            msgs = [Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY, ttl=timeout) for n in new]
+            left = max(deadline - time.monotonic(), 1.0)
+            for reply in self.grid.send_and_receive(msgs, timeout=left) if msgs else ():
+                node = reply.metadata.src_node_id
+                if reply.has_error():
+                    raise ValueError(f"SuperNode {node} cannot serve this run: {_reason(reply)}")
+                pid = int(reply.content[protocol.RECORD]["partition-id"])
+                if pid in nodes:
+                    raise ValueError(f"SuperNodes {nodes[pid]} and {node} both hold partition-id={pid}")
+                nodes[pid] = node
+            if len(nodes) < clients:
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(clients)) - set(nodes))
+                    raise TimeoutError(
+                        f"connect_timeout={timeout:g}s: no SuperNode holds partition-id {missing} of "
+                        f"num-partitions={clients} (start one per partition with --node-config "
+                        f"'partition-id=I num-partitions={clients}'); connected: {sorted(nodes)}"
+                    )
+                time.sleep(0.5)
+        self.log(f"{clients} SuperNodes connected, one per partition")
+        return nodes
+
+    def __call__(self, plan: RoundPlan) -> RoundResult:
+        tr = self.trainer
+        st, uplink = tr.state, tr.uplink
+        expect_kind = "identity" if isinstance(uplink, ModelCompressor) else uplink.kind
+        expect_numel = uplink.floats() if isinstance(uplink, ModelCompressor) else tr.numel
+        msgs, down, sent_syn = {}, 0, set()
+        for j, c in enumerate(plan.clients):
+            send_syn = plan.synthetic is not None and st.client_syn_version.get(c) != plan.synthetic.version
+            fields, nbytes = protocol.encode_plan(plan, c, plan.first_call + j, self.accepted.get(c, -1), send_syn)
+            if send_syn:
+                st.client_syn_version[c] = plan.synthetic.version
+                sent_syn.add(c)
+            down += nbytes
+            content = RecordDict({protocol.RECORD: ConfigRecord(fields)})
+            msg = Message(
+                content,
+                dst_node_id=self.nodes[c],
+                message_type=MessageType.TRAIN,
+                group_id=str(plan.round + 1),
+                ttl=self.round_timeout,
+            )
+            msgs[c] = msg
+            self.message_bytes["down"] += len(msg.deflate()) + sum(len(o.deflate()) for o in _children(msg))
+        seeded = counter(uplink)
+        if seeded is not None:  # the clients used calls first_call .. first_call + m - 1
+            seeded.calls = plan.first_call + len(plan.clients)
+        by_node = {}
+        for reply in self.grid.send_and_receive(list(msgs.values()), timeout=self.round_timeout):
+            by_node[reply.metadata.src_node_id] = reply
+        payloads, losses, failed = [], [], []
+        for c in plan.clients:
+            reply = by_node.get(self.nodes[c])
+            try:
+                if reply is None:
+                    raise ValueError(f"no reply within round_timeout={self.round_timeout:g}s")
+                if reply.has_error():
+                    raise ValueError(f"the ClientApp failed: {_reason(reply)}")
+                self.message_bytes["up"] += len(reply.deflate()) + sum(len(o.deflate()) for o in _children(reply))
+                fields = reply.content[protocol.RECORD]
+                payload = protocol.check_reply(
+                    fields, client=c, round=plan.round, numel=expect_numel, kind=expect_kind, device=tr.device
+                )
+            except (ValueError, KeyError, TypeError) as e:
+                failed.append({"client": c, "reason": str(e)})
+                if c in sent_syn:  # it may not hold D_syn: send it again next time
+                    st.client_syn_version.pop(c, None)
+                self.log(f"round {plan.round + 1}: client {c} failed: {e}")
+                continue
+            payloads.append(payload)
+            losses.append(float(fields["loss"]))
+            self.accepted[c] = plan.round
+        return RoundResult(payloads, losses, down, failed=failed)
+
+
+def _children(obj) -> list:
+    """Every nested object of a Flower message (their serialised sizes add up to the message's)."""
+    out = []
+    for child in (obj.children or {}).values():
+        out.append(child)
+        out.extend(_children(child))
+    return out
+
+
+def _reason(reply: Message) -> str:
+    reason = (reply.error.reason or "").strip().splitlines()
+    return reason[-1] if reason else f"error code {reply.error.code}"
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """One fedsynsam run over the federation's SuperNodes; outputs in the run config's ``out``."""
+    cfg, settings = from_run_config(context.run_config)
+    trainer = Trainer(cfg, settings.out, log=_log)
+    _log(f"{cfg.algorithm}/{cfg.compressor}, {cfg.rounds} rounds, {cfg.per_round} of {cfg.clients} clients per round")
+    clients = FlowerClients(
+        grid, trainer, round_timeout=settings.round_timeout, connect_timeout=settings.connect_timeout
+    )
+    start = time.perf_counter()
+    records = trainer.run(progress=False, clients=_Logged(clients, cfg.rounds))
+    last = [r for r in records if r["test_acc"] is not None][-1]
+    _log(
+        f"done: round {last['round']}, test accuracy {last['test_acc']:.4f}, "
+        f"uplink {sum(r['uplink_bytes'] for r in records) / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s; "
+        f"Flower messages {clients.message_bytes['down'] / 1e6:.2f} MB down, "
+        f"{clients.message_bytes['up'] / 1e6:.2f} MB up -> {settings.out}"
+    )
+
+
+class _Logged:
+    """One log line per round (the server's progress in ``flwr run --stream``)."""
+
+    def __init__(self, clients: FlowerClients, rounds: int):
+        self.clients, self.rounds = clients, rounds
+
+    def __call__(self, plan: RoundPlan) -> RoundResult:
+        tic = time.perf_counter()
+        result = self.clients(plan)
+        ok = len(result.payloads)
+        self.clients.log(
+            f"round {plan.round + 1}/{self.rounds}: {ok} of {len(plan.clients)} clients, "
+            f"{time.perf_counter() - tic:.1f} s"
+        )
+        return result
