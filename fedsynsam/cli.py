@@ -1,4 +1,4 @@
-"""``fedsynsam`` command line: ``train`` one run, ``compare`` a grid of runs.
+"""``fedsynsam`` command line: ``train`` one run, ``compare`` a grid of runs, ``sharpness``, ``flower``.
 
 Settings come from, in increasing priority: the defaults of :class:`~fedsynsam.config.Config`,
 ``--config FILE.toml``, and explicit flags.
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .config import Config, load_toml
+from .flower.deploy import FlowerRunError
 
 __all__ = ["main"]
 
@@ -150,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     sharp.add_argument("--trace-samples", type=int, default=50, help="Rademacher vectors for the trace")
     sharp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     sharp.set_defaults(func=_sharpness)
+
+    from .flower.cli import add_parser as add_flower
+
+    add_flower(sub, _add_config_flags, _resolve, _csv_list)
     return parser
 
 
@@ -191,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # bad settings, files, folders: one line, exit 2
         print(f"fedsynsam {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FlowerRunError as e:  # a Flower process or run failed: what it said, exit 1
+        print(f"fedsynsam {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -31,9 +31,20 @@ def _configs(base: dict, algorithms, compressors, seeds) -> list[Config]:
 
 
 def run_grid(
-    base: dict, algorithms, compressors, seeds, out: Path, *, progress: bool = True, sharpness: bool = False
+    base: dict,
+    algorithms,
+    compressors,
+    seeds,
+    out: Path,
+    *,
+    progress: bool = True,
+    sharpness: bool = False,
+    runner=None,
 ) -> list[dict]:
     """Run every (algorithm, compressor, seed) not yet finished in ``out``; write and print the results.
+
+    ``runner(cfg, run_dir)`` runs one configuration into ``run_dir`` (default: the in-process
+    trainer, resuming from a checkpoint there; ``fedsynsam flower demo`` runs it on Flower).
 
     ``sharpness``: also measure every run not yet measured (:func:`fedsynsam.sharpness.measure_run`)
     and add λ_max, the Hessian trace and the valley width to the table, with their plots.
@@ -59,6 +70,8 @@ def run_grid(
                 raise ValueError(
                     f"{run_dir} holds a finished run with other settings ({', '.join(diff)}); use another --out"
                 )
+        elif runner is not None:
+            runner(cfg, run_dir)
         else:
             resume = any((run_dir / name).is_file() for name in (CHECKPOINT, PREVIOUS))
             # one bar per run only on a terminal: nested bars garble logs and CI output

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-__all__ = ["LocalFederation", "FlowerRunError", "free_port", "flwr_bin"]
+__all__ = ["LocalFederation", "FlowerRunError", "flwr_run", "free_port", "flwr_bin"]
 
 CONNECTION = "fedsynsam-local"
 _MARK = "FEDSYNSAM_FEDERATION"
@@ -71,6 +72,54 @@ def _marked_pids(token: str) -> list[int]:
         except (OSError, ValueError):
             continue
     return [p for p in pids if p != os.getpid()]
+
+
+_FAILED = re.compile(r"Exit Code: (\d+)")
+
+
+def flwr_run(args: list[str], env: dict, log: Path, *, timeout: float, echo=None) -> str:
+    """Run a ``flwr run ... --stream`` command line, writing its output to ``log``; returns the text.
+
+    ``flwr run --stream`` returns when a run succeeds, but keeps streaming after the ServerApp
+    failed; so a Flower ``Exit Code`` line in the stream ends it too. Raises
+    :class:`FlowerRunError` (with the log's tail) on failure or after ``timeout`` seconds.
+    """
+    deadline, failed_at, lines = time.monotonic() + timeout, None, []
+    with log.open("w") as f:
+        proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, start_new_session=True
+        )
+        try:
+            os.set_blocking(proc.stdout.fileno(), False)
+            while True:
+                line = proc.stdout.readline()
+                if line:
+                    lines.append(line)
+                    f.write(line)
+                    f.flush()
+                    if echo is not None:
+                        echo(line.rstrip("\n"))
+                    if failed_at is None and _FAILED.search(line):
+                        failed_at = time.monotonic()
+                    continue
+                if proc.poll() is not None:
+                    rest = proc.stdout.read() or ""
+                    lines.append(rest)
+                    f.write(rest)
+                    break
+                now = time.monotonic()
+                if failed_at is not None and now > failed_at + 3.0:  # the rest of the report has arrived
+                    break
+                if now > deadline:
+                    raise FlowerRunError(f"flwr run did not finish within {timeout:g}s:\n{_tail(log)}")
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if failed_at is not None or proc.returncode != 0:
+        raise FlowerRunError(f"the Flower run failed (flwr run exit code {proc.returncode}):\n{_tail(log)}")
+    return "".join(lines)
 
 
 class LocalFederation:
@@ -169,8 +218,8 @@ class LocalFederation:
         """``flwr run APP_DIR`` on this federation, streaming its log; returns the log text.
 
         ``run_config``: a TOML file of overrides (keys of the app's config). ``echo``: called
-        with each output line (e.g. ``print``). Raises :class:`FlowerRunError` if ``flwr run``
-        fails, or if it outlives ``timeout`` seconds (then it is killed).
+        with each output line (e.g. ``print``). Raises :class:`FlowerRunError` if the run fails
+        or outlives ``timeout`` seconds.
         """
         for i, proc in enumerate(self.procs[1:]):
             if proc.poll() is not None:
@@ -178,43 +227,10 @@ class LocalFederation:
                     f"SuperNode {i} exited (code {proc.returncode}):\n{_tail(self.workdir / f'supernode-{i}.log')}"
                 )
         self.runs += 1
-        log = self.workdir / f"run-{self.runs}.log"
         args = [flwr_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
         if run_config is not None:
             args += ["--run-config", str(run_config)]
-        deadline = time.monotonic() + timeout
-        lines = []
-        with log.open("w") as f:
-            proc = subprocess.Popen(
-                args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, text=True, start_new_session=True
-            )
-            try:
-                os.set_blocking(proc.stdout.fileno(), False)
-                while True:
-                    line = proc.stdout.readline()
-                    if line:
-                        lines.append(line)
-                        f.write(line)
-                        f.flush()
-                        if echo is not None:
-                            echo(line.rstrip("\n"))
-                        continue
-                    if proc.poll() is not None:
-                        rest = proc.stdout.read() or ""
-                        lines.append(rest)
-                        f.write(rest)
-                        break
-                    if time.monotonic() > deadline:
-                        raise FlowerRunError(f"flwr run did not finish within {timeout:g}s:\n{_tail(log)}")
-                    time.sleep(0.05)
-            finally:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-        text = "".join(lines)
-        if proc.returncode != 0:
-            raise FlowerRunError(f"flwr run exited with code {proc.returncode}:\n{_tail(log)}")
-        return text
+        return flwr_run(args, self.env, self.workdir / f"run-{self.runs}.log", timeout=timeout, echo=echo)
 
     # -- teardown ----------------------------------------------------------------
     def _stop_procs(self) -> None:
