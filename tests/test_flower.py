@@ -1,0 +1,196 @@
+"""fedsynsam on a real Flower deployment: a SuperLink and SuperNodes on 127.0.0.1, started by the
+tests with free ports and always torn down (the federation fixture checks nothing is left).
+
+The Flower run of a config equals the in-process run of the same config bit for bit
+(``OMP_NUM_THREADS=1`` in every Flower process, one torch thread here); broken clients cost
+only themselves, and their error-feedback state does not advance.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from _support import strip_seconds  # noqa: E402
+
+from fedsynsam.config import Config  # noqa: E402
+from fedsynsam.flower import deploy  # noqa: E402
+from fedsynsam.flower.deploy import FlowerRunError, LocalFederation, flwr_bin  # noqa: E402
+from fedsynsam.flower.settings import AppSettings, write_app  # noqa: E402
+from fedsynsam.rounds import RoundResult  # noqa: E402
+from fedsynsam.trainer import Trainer  # noqa: E402
+
+NODES = 3
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    fed = LocalFederation(NODES, tmp_path_factory.mktemp("federation"), env={"OMP_NUM_THREADS": "1"})
+    with fed:
+        yield fed
+    assert fed.alive() == [], "processes of the federation outlived it"
+
+
+def _cfg(**kw) -> Config:
+    base = dict(rounds=4, clients=NODES, per_round=2, syn_min_models=3, syn_period=2, syn_iters=5)
+    return Config(**{**base, **kw}).validate()
+
+
+def _flower_run(fed, tmp_path, cfg, **app) -> list[dict]:
+    out = tmp_path / "out"
+    write_app(tmp_path / "app", cfg, AppSettings(out=str(out), connect_timeout=90, **app))
+    fed.run(tmp_path / "app", timeout=600)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _in_process(cfg, clients=None) -> tuple[list[dict], Trainer]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(cfg, log=lambda line: None)
+        return trainer.run(progress=False, clients=clients and clients(trainer)), trainer
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "algorithm, compressor, extra",
+    [("fedavg", "topk", {}), ("fedsynsam", "sign", {}), ("mofedsam", "qsgd", {"rounds": 3})],
+)
+def test_flower_run_equals_the_in_process_run(federation, tmp_path, algorithm, compressor, extra):
+    cfg = _cfg(algorithm=algorithm, compressor=compressor, **extra)
+    flower = _flower_run(federation, tmp_path, cfg)
+    local, trainer = _in_process(cfg)
+    assert strip_seconds(flower) == strip_seconds(local)
+    if algorithm == "fedsynsam":
+        assert flower[-1]["perturbation"] == "synthetic"  # the nodes used the distilled set
+    final = torch.load(tmp_path / "out" / "final_model.pt", weights_only=True)["w"]
+    assert torch.equal(final, trainer.state.w)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["total_uplink_bytes"] == sum(r["uplink_bytes"] for r in local)
+
+
+def _dropping(failures: dict[tuple[int, int], str]):
+    """In-process clients where ``(round, client)`` of ``failures`` fail: their payloads are dropped
+    and their error-feedback residuals restored (what the Flower run must do)."""
+
+    def make(trainer: Trainer):
+        def clients(plan):
+            dropped = [c for c in plan.clients if (plan.round + 1, c) in failures]
+            saved = {c: trainer.uplink.residual(f"client{c}") for c in dropped}
+            saved = {c: None if r is None else r.clone() for c, r in saved.items()}
+            result = trainer.run_clients(plan)
+            for c, r in saved.items():
+                if r is None:
+                    trainer.uplink.reset(f"client{c}")
+                else:
+                    trainer.uplink.residuals[f"client{c}"].copy_(r)
+            keep = [j for j, c in enumerate(plan.clients) if c not in dropped]
+            return RoundResult(
+                [result.payloads[j] for j in keep],
+                [result.losses[j] for j in keep],
+                result.downlink_bytes,
+                failed=[{"client": c, "reason": failures[(plan.round + 1, c)]} for c in dropped],
+            )
+
+        return clients
+
+    return make
+
+
+def test_faults_cost_one_client_and_do_not_advance_its_error_feedback(federation, tmp_path):
+    # round 2: every client fails (the model is kept); then one fault of each kind; hang last
+    faults = "raise:0@2,flip:1@2,truncate:2@2,numel:0@3,kind:1@4,truncate:0@4,hang:2@5"
+    cfg = _cfg(algorithm="fedavg", compressor="topk", rounds=5, per_round=NODES)
+    flower = _flower_run(federation, tmp_path, cfg, round_timeout=25.0, inject_faults=faults)
+    expected = {
+        (2, 0): "injected fault",
+        (2, 1): "checksum mismatch",
+        (2, 2): "truncated",
+        (3, 0): "entries; expected",
+        (4, 1): "payload is 'sign'",
+        (4, 0): "truncated",
+        (5, 2): "no reply within round_timeout=25s",
+    }
+    for (rnd, client), text in expected.items():
+        failed = {f["client"]: f["reason"] for f in flower[rnd - 1].get("failed_clients", [])}
+        assert client in failed and text in failed[client], (rnd, client, failed)
+    assert [len(r.get("failed_clients", [])) for r in flower] == [0, 3, 1, 2, 1]
+    # the round with no valid reply kept the model and says so
+    assert flower[1]["train_loss"] is None and flower[1]["uplink_bytes"] == 0
+    assert flower[1]["test_acc"] == flower[0]["test_acc"] and flower[1]["test_loss"] == flower[0]["test_loss"]
+    # every other number equals an in-process run that drops the same payloads and restores the
+    # failed clients' residuals: the nodes' error feedback did not advance on a failed round
+    local, _ = _in_process(cfg, _dropping(expected))
+
+    def without_reasons(records):
+        return [{**r, "failed_clients": sorted(f["client"] for f in r.get("failed_clients", []))} for r in records]
+
+    assert without_reasons(strip_seconds(flower)) == without_reasons(strip_seconds(local))
+
+
+def test_a_bad_run_config_fails_fast_with_the_setting_named(federation, tmp_path):
+    write_app(tmp_path / "app", _cfg(), AppSettings(out=str(tmp_path / "out")))
+    (tmp_path / "bad.toml").write_text("rounds = 0\n")
+    tic = time.monotonic()
+    with pytest.raises(FlowerRunError, match="rounds must be an integer >= 1"):
+        federation.run(tmp_path / "app", tmp_path / "bad.toml", timeout=120)
+    assert time.monotonic() - tic < 60
+    (tmp_path / "bad.toml").write_text('algorithm = "dppf"\n')
+    with pytest.raises(FlowerRunError, match="dppf"):
+        federation.run(tmp_path / "app", tmp_path / "bad.toml", timeout=120)
+
+
+def test_too_few_supernodes_is_a_bounded_clear_error(federation, tmp_path):
+    write_app(tmp_path / "app", _cfg(clients=NODES + 1), AppSettings(out=str(tmp_path / "out"), connect_timeout=3))
+    with pytest.raises(FlowerRunError, match="num-partitions"):
+        federation.run(tmp_path / "app", timeout=120)
+
+
+def test_a_port_in_use_is_named_and_nothing_is_left(tmp_path, monkeypatch):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setattr(deploy, "free_port", lambda: port)
+        fed = LocalFederation(1, tmp_path, startup_timeout=20)
+        tic = time.monotonic()
+        with pytest.raises(FlowerRunError, match=f"127.0.0.1:{port}"):
+            fed.start()
+        assert time.monotonic() - tic < 90
+        assert fed.alive() == []
+
+
+def test_a_supernode_pointed_at_no_superlink_gives_up(tmp_path):
+    dead = deploy.free_port()
+    env = LocalFederation(1, tmp_path).env
+    tic = time.monotonic()
+    proc = subprocess.run(
+        [flwr_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{dead}", "--port",
+         str(deploy.free_port()), "--max-retries", "2", "--max-wait-time", "10"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0 and time.monotonic() - tic < 60
+    assert "could not establish a connection to the SuperLink" in proc.stdout + proc.stderr
+
+
+def test_cli_refuses_bad_flower_settings_before_starting_anything(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "fedsynsam", "flower", *args], capture_output=True, text=True)
+
+    r = cli("run", "--superlink", "10.1.2.3:9092", "--insecure", "--out", str(tmp_path))
+    assert r.returncode == 2 and "only on loopback" in r.stderr
+    r = cli("run", "--superlink", "127.0.0.1:9092", "--insecure", "--out", str(tmp_path), "--rounds", "0")
+    assert r.returncode == 2 and "rounds must be an integer >= 1" in r.stderr
+    r = cli("demo", "--out", str(tmp_path), "--algorithms", "dppf")
+    assert r.returncode == 2 and "dppf" in r.stderr
+    r = cli("demo", "--out", str(tmp_path), "--round-timeout", "-1")
+    assert r.returncode == 2 and "round_timeout must be" in r.stderr
