@@ -55,6 +55,9 @@ def with_floats(record, flat: torch.Tensor):
     """A copy of ``record`` whose floating-point arrays are taken from ``flat`` (inverse of :func:`flat_floats`)."""
     from flwr.app import Array, ArrayRecord
 
+    need = sum(a.numpy().size for a in record.values() if _is_float(a))
+    if need != flat.numel():
+        raise ValueError(f"the record holds {need} floating-point entries; got {flat.numel()}")
     out, pos = {}, 0
     for name, a in record.items():
         if _is_float(a):
@@ -63,8 +66,6 @@ def with_floats(record, flat: torch.Tensor):
             pos += arr.size
         else:
             out[name] = a
-    if pos != flat.numel():
-        raise ValueError(f"the record holds {pos} floating-point entries; got {flat.numel()}")
     return ArrayRecord(out)
 
 

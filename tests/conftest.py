@@ -25,3 +25,20 @@ def available_backends() -> list[str]:
 def backend(request):
     """The backend under test; calls go through the public fedcomp API."""
     return request.param
+
+
+FLOWER_NODES = 3
+
+
+@pytest.fixture(scope="session")
+def federation(tmp_path_factory):
+    """A real Flower deployment for the session: a SuperLink and FLOWER_NODES SuperNodes on
+    127.0.0.1 (free ports; OMP_NUM_THREADS=1 for bit-exact runs), torn down at the end with a
+    check that none of its processes outlived it."""
+    pytest.importorskip("flwr")
+    from fedsynsam.flower.deploy import LocalFederation
+
+    fed = LocalFederation(FLOWER_NODES, tmp_path_factory.mktemp("federation"), env={"OMP_NUM_THREADS": "1"})
+    with fed:
+        yield fed
+    assert fed.alive() == [], "processes of the federation outlived it"

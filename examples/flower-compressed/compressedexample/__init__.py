@@ -1,0 +1,1 @@
+"""compressedexample: a Flower / PyTorch app with fedcomp-compressed uploads."""
