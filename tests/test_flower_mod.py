@@ -17,6 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 import fedcomp  # noqa: E402
 from fedcomp.flower import PAYLOAD_KEY, FedAvg, compression_mod, flat_floats, with_floats  # noqa: E402
 
+
 @pytest.fixture(autouse=True)
 def _task_identity(monkeypatch):
     """Messages built outside a Flower process need the identity Flower sets in its own."""
