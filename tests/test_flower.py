@@ -164,15 +164,23 @@ def test_a_port_in_use_is_named_and_nothing_is_left(tmp_path, monkeypatch):
 
 def test_a_supernode_pointed_at_no_superlink_gives_up(tmp_path):
     dead = deploy.free_port()
-    env = LocalFederation(1, tmp_path).env
+    fed = LocalFederation(1, tmp_path)  # for its environment marker: every child is found and ended
+    log = tmp_path / "supernode.log"
     tic = time.monotonic()
-    proc = subprocess.run(
-        [flwr_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{dead}", "--port",
-         str(deploy.free_port()), "--max-retries", "2", "--max-wait-time", "10"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode != 0 and time.monotonic() - tic < 60
-    assert "could not establish a connection to the SuperLink" in proc.stdout + proc.stderr
+    with log.open("wb") as f:
+        proc = subprocess.Popen(
+            [flwr_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{dead}", "--port",
+             str(deploy.free_port()), "--max-retries", "2", "--max-wait-time", "10"],
+            env=fed.env, stdout=f, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        rc = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        fed.stop()
+    assert rc != 0 and time.monotonic() - tic < 60
+    assert "could not establish a connection to the SuperLink" in log.read_text()
+    assert fed.alive() == []
 
 
 def test_cli_refuses_bad_flower_settings_before_starting_anything(tmp_path):

@@ -177,9 +177,10 @@ class LocalFederation:
                     log,
                 )
                 deadline = time.monotonic() + self.startup_timeout
-                while link.poll() is None and not _listening(self.port) and time.monotonic() < deadline:
+                while link.poll() is None and not self._serving(log) and time.monotonic() < deadline:
                     time.sleep(0.2)
-                if link.poll() is None and _listening(self.port):
+                time.sleep(0.5)  # a bind failure shows up just after uvicorn's first lines
+                if link.poll() is None and self._serving(log):
                     break
                 self._stop_procs()
                 if attempt == 2 or link.poll() is None:
@@ -213,6 +214,14 @@ class LocalFederation:
             self.stop()
             raise
         return self
+
+    def _serving(self, log: Path) -> bool:
+        """The SuperLink says it serves on our port, and something answers there."""
+        try:
+            said = f"Uvicorn running on http://127.0.0.1:{self.port}" in log.read_text(errors="replace")
+        except OSError:
+            return False
+        return said and _listening(self.port)
 
     def run(self, app_dir, run_config=None, *, timeout: float = 900.0, echo=None) -> str:
         """``flwr run APP_DIR`` on this federation, streaming its log; returns the log text.
