@@ -33,7 +33,7 @@ from .aggregation import aggregate
 from .compressors import Compressor, ErrorFeedback, Identity
 from .wire import Payload
 
-__all__ = ["compression_mod", "FedAvg", "PAYLOAD_KEY", "flat_floats", "with_floats"]
+__all__ = ["compression_mod", "FedAvg", "PAYLOAD_KEY", "flat_floats", "with_floats", "pack_state", "unpack_state"]
 
 PAYLOAD_KEY = "fedcomp.payload"
 _STATE = "fedcomp.mod"
@@ -69,10 +69,16 @@ def with_floats(record, flat: torch.Tensor):
     return ArrayRecord(out)
 
 
-def _pack_state(state: dict) -> bytes:
+def pack_state(state: dict) -> bytes:
+    """Plain data (tensors, numbers, strings, lists, dicts) as bytes (``torch.save``)."""
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()
+
+
+def unpack_state(buf: bytes, device="cpu") -> dict:
+    """Inverse of :func:`pack_state`, loaded with ``weights_only=True`` (no code runs)."""
+    return torch.load(io.BytesIO(buf), map_location=device, weights_only=True)
 
 
 def compression_mod(compressor: Compressor, *, error_feedback: bool = True, arrays_key: str | None = None):
@@ -106,9 +112,9 @@ def compression_mod(compressor: Compressor, *, error_feedback: bool = True, arra
             ef = ErrorFeedback(compressor)
             state = context.state.config_records.get(_STATE)
             if state is not None:
-                ef.load_state_dict(torch.load(io.BytesIO(state["ef"]), weights_only=True))
+                ef.load_state_dict(unpack_state(state["ef"]))
             payload = ef.compress(delta, "update")
-            context.state[_STATE] = ConfigRecord({"ef": _pack_state(ef.state_dict())})
+            context.state[_STATE] = ConfigRecord({"ef": pack_state(ef.state_dict())})
         else:
             payload = compressor.compress(delta)
         wire = np.frombuffer(payload.to_bytes(), dtype=np.uint8).copy()

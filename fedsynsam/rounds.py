@@ -27,6 +27,7 @@ from fedcomp.flat import FlatSpec, flatten, unflatten
 from . import algorithms as alg
 from .config import Config
 from .data import dirichlet_partition, shard_partition
+from .syncomp import ModelCompressor
 from .synthetic import SyntheticSet
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "client_update",
     "counter",
     "partition_for",
+    "load_flat",
+    "compress_one",
 ]
 
 
@@ -92,6 +95,24 @@ def counter(uplink):
     """The object whose ``calls`` numbers the uplink's random draws (seeded compressors), or ``None``."""
     base = getattr(uplink, "compressor", uplink)
     return base if hasattr(base, "calls") else None
+
+
+def load_flat(model: torch.nn.Module, flat: Tensor, spec: FlatSpec) -> None:
+    """Copy the flat ``[numel]`` parameters ``flat`` into ``model`` (laid out as ``spec``)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, view in unflatten(flat, spec).items():
+            params[name].copy_(view)
+
+
+def compress_one(uplink, delta: Tensor, key: str, w: Tensor) -> fedcomp.Payload:
+    """One client's payload: ``uplink`` is a fedcomp compressor, an ErrorFeedback (residual of
+    ``key``) or a model compressor (3SFC / FedSynth, decoding at global model ``w``)."""
+    if isinstance(uplink, ModelCompressor):
+        return uplink.compress(delta, key, w)
+    if isinstance(uplink, fedcomp.ErrorFeedback):
+        return uplink.compress(delta, key)
+    return uplink.compress(delta)
 
 
 def _split(flat: Tensor, spec: FlatSpec) -> list[Tensor]:
@@ -149,10 +170,7 @@ def client_update(
     if perturbation is None:
         perturbation = perturbation_for(cfg, plan, spec)
         momentum = momentum_for(cfg, plan, spec)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, view in unflatten(plan.w if start is None else start, spec).items():
-            params[name].copy_(view)
+    load_flat(model, plan.w if start is None else start, spec)
     loss = alg.local_train(
         model,
         x,

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import fedcomp
-from fedcomp.flat import flatten, unflatten
+from fedcomp.flat import flatten
 
 from . import algorithms as alg
 from . import checkpoint as checkpoints
@@ -43,8 +43,10 @@ from .rounds import (
     RoundPlan,
     RoundResult,
     client_update,
+    compress_one,
     counter,
     dense_bytes,
+    load_flat,
     momentum_for,
     needs_u_prev,
     partition_for,
@@ -139,7 +141,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the model is initialised on the CPU: the same start on every device
         self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
         w0, self.spec = flatten(self.model)
-        self.params = dict(self.model.named_parameters())
         self.partition = partition_for(cfg, data.y_train)
         self.client_index = [torch.tensor(p, dtype=torch.long, device=self.device) for p in self.partition]
         self.uplink = build_uplink(cfg, self.model, self.spec, self.data)
@@ -156,9 +157,7 @@ class Trainer:
         return self.spec.numel
 
     def load_flat(self, flat: torch.Tensor) -> None:
-        with torch.no_grad():
-            for name, view in unflatten(flat, self.spec).items():
-                self.params[name].copy_(view)
+        load_flat(self.model, flat, self.spec)
 
     @torch.no_grad()
     def evaluate(self, flat: torch.Tensor | None = None) -> tuple[float, float]:
@@ -250,12 +249,10 @@ class Trainer:
             self.timings["local"] += time.perf_counter() - tic
         tic2 = time.perf_counter()
         keys = [f"client{c}" for c in plan.clients]
-        if isinstance(self.uplink, ModelCompressor):
-            sent = [self.uplink.compress(d, key, st.w) for d, key in zip(deltas, keys)]
-        elif isinstance(self.uplink, fedcomp.ErrorFeedback):
+        if isinstance(self.uplink, fedcomp.ErrorFeedback):  # one batched op (the same bits as one by one)
             sent = self.uplink.compress_many(deltas, keys)
         else:
-            sent = [self.uplink.compress(d) for d in deltas]
+            sent = [compress_one(self.uplink, d, key, st.w) for d, key in zip(deltas, keys)]
         tic3 = time.perf_counter()
         # the only device -> host copy of the round's uploads, then back as a receiver would
         payloads = [fedcomp.Payload.from_bytes(p.to_bytes(), device=self.device) for p in sent]

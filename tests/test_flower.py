@@ -156,10 +156,13 @@ def test_a_port_in_use_is_named_and_nothing_is_left(tmp_path, monkeypatch):
         monkeypatch.setattr(deploy, "free_port", lambda: port)
         fed = LocalFederation(1, tmp_path, startup_timeout=20)
         tic = time.monotonic()
-        with pytest.raises(FlowerRunError, match=f"127.0.0.1:{port}"):
-            fed.start()
-        assert time.monotonic() - tic < 90
-        assert fed.alive() == []
+        try:
+            with pytest.raises(FlowerRunError, match=f"127.0.0.1:{port}"):
+                fed.start()
+            assert time.monotonic() - tic < 90
+            assert fed.alive() == []
+        finally:  # also when start() wrongly succeeds: nothing outlives the test
+            fed.stop()
 
 
 def test_a_supernode_pointed_at_no_superlink_gives_up(tmp_path):

@@ -21,12 +21,12 @@ from flwr.clientapp import ClientApp
 
 import fedcomp
 from fedcomp.flat import flatten
+from fedcomp.flower import pack_state, unpack_state
 
 from ..config import resolve_device
 from ..data import load_dataset
 from ..models import build_model
-from ..rounds import client_update, counter, partition_for
-from ..syncomp import ModelCompressor
+from ..rounds import client_update, compress_one, counter, partition_for
 from ..synthetic import SyntheticSet
 from ..trainer import build_uplink
 from . import protocol
@@ -107,10 +107,10 @@ def train(msg: Message, context: Context) -> Message:
     state = context.state.config_records.get(protocol.RECORD, ConfigRecord())
     cached = None
     if "syn" in state:
-        cached = SyntheticSet.from_state_dict(protocol.unpack(state["syn"], device))
+        cached = SyntheticSet.from_state_dict(unpack_state(state["syn"], device))
     plan = protocol.decode_plan(fields, spec.numel, data.num_classes, device, cached)
     if plan.synthetic is not None and plan.synthetic is not cached:
-        state["syn"] = protocol.pack(plan.synthetic.state_dict())
+        state["syn"] = pack_state(plan.synthetic.state_dict())
     fault = parse_faults(settings.inject_faults).get((plan.round + 1, client))
     if fault == "raise":
         raise RuntimeError(f"injected fault: client {client} raises in round {plan.round + 1}")
@@ -120,20 +120,14 @@ def train(msg: Message, context: Context) -> Message:
         state["committed"] = state["pending"]
     uplink = build_uplink(cfg, model, spec, data)
     if "committed" in state:
-        uplink.load_state_dict(protocol.unpack(state["committed"], device))
+        uplink.load_state_dict(unpack_state(state["committed"], device))
     seeded = counter(uplink)
     if seeded is not None:
         seeded.calls = plan.first_call
 
     delta, loss, _ = client_update(cfg, model, spec, data.x_train[idx], data.y_train[idx], plan, client)
-    key = f"client{client}"
-    if isinstance(uplink, ModelCompressor):
-        payload = uplink.compress(delta, key, plan.w)
-    elif isinstance(uplink, fedcomp.ErrorFeedback):
-        payload = uplink.compress(delta, key)
-    else:
-        payload = uplink.compress(delta)
-    state["pending"] = protocol.pack(uplink.state_dict())
+    payload = compress_one(uplink, delta, f"client{client}", plan.w)
+    state["pending"] = pack_state(uplink.state_dict())
     state["pending_round"] = plan.round
     context.state[protocol.RECORD] = state
     wire = payload.to_bytes() if fault is None else _faulty(fault, payload, delta, settings.round_timeout)

@@ -247,7 +247,7 @@ class LocalFederation:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
-        self.procs_wait(5.0)
+        self._wait_procs(5.0)
         for proc in self.procs:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -255,7 +255,7 @@ class LocalFederation:
                 proc.wait()
         self.procs = []
 
-    def procs_wait(self, timeout: float) -> None:
+    def _wait_procs(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for proc in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):

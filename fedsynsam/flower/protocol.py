@@ -29,7 +29,7 @@ and ``round`` (int). A ``query`` message asks a node for its ``partition-id`` an
 
 from __future__ import annotations
 
-import io
+import math
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ import fedcomp
 from ..rounds import RoundPlan
 from ..synthetic import SyntheticSet
 
-__all__ = ["RECORD", "dense_bytes_of", "dense_from", "encode_plan", "decode_plan", "check_reply", "pack", "unpack"]
+__all__ = ["RECORD", "dense_bytes_of", "dense_from", "encode_plan", "decode_plan", "check_reply"]
 
 RECORD = "fedsynsam"
 
@@ -97,8 +97,8 @@ def decode_plan(fields, numel: int, num_classes: int, device, cached_syn: Synthe
     if version:
         if "syn" in fields:
             shape = tuple(int(s) for s in fields["syn_shape"])
-            floats = fedcomp.Payload.from_bytes(fields["syn"], device=device)
-            plan.synthetic = SyntheticSet.from_flat(floats.decode(), shape, num_classes, version)
+            floats = dense_from(fields["syn"], shape[0] * (math.prod(shape[1:]) + num_classes) + 1, device, "syn")
+            plan.synthetic = SyntheticSet.from_flat(floats, shape, num_classes, version)
         elif cached_syn is not None and cached_syn.version == version:
             plan.synthetic = cached_syn
         else:
@@ -122,15 +122,3 @@ def check_reply(fields, *, client: int, round: int, numel: int, kind: str, devic
     if payload.dtype != torch.float32:
         raise ValueError(f"payload dtype is {payload.dtype}; expected torch.float32")
     return payload
-
-
-def pack(state: dict) -> bytes:
-    """Plain data (tensors, numbers, strings, lists, dicts) as bytes (``torch.save``)."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
-
-
-def unpack(buf: bytes, device) -> dict:
-    """Inverse of :func:`pack`, loaded with ``weights_only=True`` (no code runs)."""
-    return torch.load(io.BytesIO(buf), map_location=device, weights_only=True)

@@ -93,7 +93,7 @@ class FlowerClients:
                 ttl=self.round_timeout,
             )
             msgs[c] = msg
-            self.message_bytes["down"] += len(msg.deflate()) + sum(len(o.deflate()) for o in _children(msg))
+            self.message_bytes["down"] += _wire_size(msg)
         seeded = counter(uplink)
         if seeded is not None:  # the clients used calls first_call .. first_call + m - 1
             seeded.calls = plan.first_call + len(plan.clients)
@@ -108,7 +108,7 @@ class FlowerClients:
                     raise ValueError(f"no reply within round_timeout={self.round_timeout:g}s")
                 if reply.has_error():
                     raise ValueError(f"the ClientApp failed: {_reason(reply)}")
-                self.message_bytes["up"] += len(reply.deflate()) + sum(len(o.deflate()) for o in _children(reply))
+                self.message_bytes["up"] += _wire_size(reply)
                 fields = reply.content[protocol.RECORD]
                 payload = protocol.check_reply(
                     fields, client=c, round=plan.round, numel=expect_numel, kind=expect_kind, device=tr.device
@@ -125,13 +125,9 @@ class FlowerClients:
         return RoundResult(payloads, losses, down, failed=failed)
 
 
-def _children(obj) -> list:
-    """Every nested object of a Flower message (their serialised sizes add up to the message's)."""
-    out = []
-    for child in (obj.children or {}).values():
-        out.append(child)
-        out.extend(_children(child))
-    return out
+def _wire_size(obj) -> int:
+    """Serialised bytes of a Flower message: its own object plus every nested one."""
+    return len(obj.deflate()) + sum(_wire_size(child) for child in (obj.children or {}).values())
 
 
 def _reason(reply: Message) -> str:
