@@ -9,6 +9,7 @@ import torch
 
 SIZES = [0, 1, 7, 8, 9, 1023, 2**20 + 3]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FLOWER_NODES = 3  # SuperNodes in the session's local federation (conftest.federation)
 
 
 def make_input(n: int, dtype: torch.dtype, seed: int = 0, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

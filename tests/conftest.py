@@ -27,15 +27,14 @@ def backend(request):
     return request.param
 
 
-FLOWER_NODES = 3
-
-
 @pytest.fixture(scope="session")
 def federation(tmp_path_factory):
     """A real Flower deployment for the session: a SuperLink and FLOWER_NODES SuperNodes on
     127.0.0.1 (free ports; OMP_NUM_THREADS=1 for bit-exact runs), torn down at the end with a
     check that none of its processes outlived it."""
     pytest.importorskip("flwr")
+    from _support import FLOWER_NODES
+
     from fedsynsam.flower.deploy import LocalFederation
 
     fed = LocalFederation(FLOWER_NODES, tmp_path_factory.mktemp("federation"), env={"OMP_NUM_THREADS": "1"})

@@ -19,8 +19,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from _support import strip_seconds  # noqa: E402
-from conftest import FLOWER_NODES  # noqa: E402
+from _support import FLOWER_NODES, strip_seconds  # noqa: E402
 
 from fedsynsam.config import Config  # noqa: E402
 from fedsynsam.flower import deploy  # noqa: E402
