@@ -2,16 +2,19 @@
 
 The server is a :class:`fedsynsam.trainer.Trainer` (global model, trajectory and ``D_syn``,
 sampling, ``fedcomp.aggregate``, checkpoints, ``config.json`` / ``metrics.jsonl`` /
-``summary.json`` / plots in ``out``); :class:`FlowerClients` replaces its in-process client
-loop. A client whose reply is an error, fails the payload checks (CRC, kind, size) or misses
+``summary.json`` / plots in ``out``, plus ``flower.json``: the bytes of Flower's serialised
+messages against the fedcomp payloads they carried); :class:`FlowerClients` replaces its
+in-process client loop. A client whose reply is an error, fails the payload checks (CRC, kind, size) or misses
 ``round_timeout`` costs that client only: the round aggregates the rest and its record lists
 ``failed_clients`` with the reasons. A round with no valid reply keeps the model.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -147,6 +150,15 @@ def main(grid: Grid, context: Context) -> None:
     start = time.perf_counter()
     records = trainer.run(progress=False, clients=_Logged(clients, cfg.rounds))
     last = [r for r in records if r["test_acc"] is not None][-1]
+    wire = {
+        "supernodes": len(clients.nodes),
+        "message_bytes": clients.message_bytes,
+        "payload_bytes": {
+            "down": sum(r["downlink_bytes"] for r in records),
+            "up": sum(r["uplink_bytes"] for r in records),
+        },
+    }
+    (Path(settings.out) / "flower.json").write_text(json.dumps(wire, indent=1) + "\n")
     _log(
         f"done: round {last['round']}, test accuracy {last['test_acc']:.4f}, "
         f"uplink {sum(r['uplink_bytes'] for r in records) / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s; "
