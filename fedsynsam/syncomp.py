@@ -32,6 +32,7 @@ import fedcomp
 from fedcomp.flat import FlatSpec, unflatten
 
 from .algorithms import soft_cross_entropy
+from .optim import Adam
 
 __all__ = ["ModelCompressor", "ThreeSFC", "FedSynth", "synthetic_gradient", "replay"]
 
@@ -45,14 +46,20 @@ def synthetic_gradient(model: nn.Module, spec: FlatSpec, w: Tensor, x: Tensor, y
 
 
 def replay(model: nn.Module, spec: FlatSpec, w: Tensor, xs, ys, log_lr: Tensor) -> Tensor:
-    """``theta_B``: one differentiable SGD step per batch ``xs[j], ys[j]`` from ``w``."""
-    theta = w.detach().clone().requires_grad_(True)
+    """``theta_B`` (flat): one differentiable SGD step per batch ``xs[j], ys[j]`` from ``w`` (flat).
+
+    The unroll keeps one tensor per parameter and flattens once at the end: stepping a flat
+    ``theta`` through views would make every step's backward zero-fill and add full-size
+    gradients for each view (about half of a distillation's time on the digits MLP).
+    """
+    names = spec.names
+    params = [t.detach().clone().requires_grad_(True) for t in unflatten(w, spec).values()]
     lr = log_lr.exp()
     for x, y in zip(xs, ys):
-        logits = functional_call(model, unflatten(theta, spec), (x,))
-        (g,) = torch.autograd.grad(soft_cross_entropy(logits, y), theta, create_graph=True)
-        theta = theta - lr * g
-    return theta
+        logits = functional_call(model, dict(zip(names, params)), (x,))
+        grads = torch.autograd.grad(soft_cross_entropy(logits, y), params, create_graph=True, materialize_grads=True)
+        params = [p - lr * g for p, g in zip(params, grads)]
+    return torch.cat([p.reshape(-1) for p in params])
 
 
 def _check_positive_int(name: str, value, lo: int = 1) -> None:
@@ -169,7 +176,7 @@ class ThreeSFC(ModelCompressor):
         # drawn on the CPU generator, then moved: the same samples on every device
         x = torch.randn((self.samples, *self.input_shape), generator=gen).to(g.device).requires_grad_(True)
         y = torch.randn((self.samples, self.num_classes), generator=gen).to(g.device).requires_grad_(True)
-        opt = torch.optim.Adam([x, y], lr=self.lr)
+        opt = Adam([([x, y], self.lr)])
         best, best_cos = (x.detach().clone(), y.detach().clone()), -1.0
         g_norm = g.norm()
         for _ in range(self.iters):
@@ -240,7 +247,7 @@ class FedSynth(ModelCompressor):
         xs = torch.randn((*shape, *self.input_shape), generator=gen).to(g.device).requires_grad_(True)
         ys = torch.randn((*shape, self.num_classes), generator=gen).to(g.device).requires_grad_(True)
         log_lr = torch.tensor(math.log(self.init_step), device=g.device, requires_grad=True)
-        opt = torch.optim.Adam([xs, ys, log_lr], lr=self.lr)
+        opt = Adam([([xs, ys, log_lr], self.lr)])
         denom = g.pow(2).sum().clamp_min(1e-30)
         best, best_err = None, math.inf
         for _ in range(self.iters):

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 import fedcomp
 from fedcomp.flat import FlatSpec
 
+from .optim import Adam
+
 __all__ = ["SyntheticSet", "distill", "matching_loss"]
 
 
@@ -123,13 +125,7 @@ def distill(
     images.requires_grad_(True)
     label_logits.requires_grad_(True)
     log_lr.requires_grad_(True)
-    opt = torch.optim.Adam(
-        [
-            {"params": [images], "lr": lr_images},
-            {"params": [label_logits], "lr": lr_labels},
-            {"params": [log_lr], "lr": lr_step},
-        ]
-    )
+    opt = Adam([([images], lr_images), ([label_logits], lr_labels), ([log_lr], lr_step)])
     starts = len(trajectory) - span
     losses = []
     for _ in range(iters):

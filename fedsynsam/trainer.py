@@ -339,7 +339,7 @@ class Trainer:
             per_class=cfg.syn_per_class,
             unroll=cfg.syn_unroll,
             span=cfg.syn_span,
-            iters=cfg.syn_iters,
+            iters=cfg.syn_iters if st.synthetic is None else cfg.syn_refresh_iters,
             lr_images=cfg.syn_lr_images,
             lr_labels=cfg.syn_lr_labels,
             lr_step=cfg.syn_lr_step,

@@ -117,28 +117,44 @@ def trajectory():
     return trainer
 
 
-@pytest.fixture(scope="module")
-def distilled(trajectory):
-    """The synthetic set distilled from that trajectory, and its matching loss per iteration."""
-    tr = trajectory
-    syn, losses = distill(
+def _distill(tr, models, iters, seed=0, init=None):
+    return distill(
         tr.model,
         tr.spec,
-        tr.state.trajectory,
+        models,
         input_shape=(1, 8, 8),
         num_classes=10,
         per_class=10,
         unroll=10,
         span=2,
-        iters=80,
+        iters=iters,
         lr_images=0.05,
         lr_labels=0.05,
         lr_step=0.01,
         init_step=0.05,
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator().manual_seed(seed),
         version=1,
+        init=init,
     )
-    return syn, losses
+
+
+def _gradients(tr, syn, w) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat ``(g_hat, g_full)`` at ``w``: the synthetic set's gradient and the whole training set's."""
+    tr.load_flat(w)
+    params = list(tr.model.parameters())
+    full = torch.autograd.grad(F.cross_entropy(tr.model(DIGITS.x_train), DIGITS.y_train), params)
+    g_syn = torch.autograd.grad(alg.soft_cross_entropy(tr.model(syn.images), syn.label_logits), params)
+    return torch.cat([g.reshape(-1) for g in g_syn]), torch.cat([g.reshape(-1) for g in full])
+
+
+def _cosine_with_full_gradient(tr, syn, w) -> float:
+    return float(F.cosine_similarity(*_gradients(tr, syn, w), dim=0))
+
+
+@pytest.fixture(scope="module")
+def distilled(trajectory):
+    """The synthetic set distilled from that trajectory, and its matching loss per iteration."""
+    return _distill(trajectory, trajectory.state.trajectory, 80)
 
 
 def test_distillation_lowers_its_matching_loss(trajectory, distilled):
@@ -158,18 +174,30 @@ def test_distillation_lowers_its_matching_loss(trajectory, distilled):
 def test_synthetic_gradient_points_like_the_full_data_gradient(trajectory, distilled):
     tr = trajectory
     syn, _ = distilled
-    tr.load_flat(tr.state.w)
-    params = list(tr.model.parameters())
-    full = torch.autograd.grad(F.cross_entropy(tr.model(DIGITS.x_train), DIGITS.y_train), params)
-    g_syn = torch.autograd.grad(alg.soft_cross_entropy(tr.model(syn.images), syn.label_logits), params)
-    flat_full = torch.cat([g.reshape(-1) for g in full])
-    cos_syn = float(F.cosine_similarity(torch.cat([g.reshape(-1) for g in g_syn]), flat_full, dim=0))
+    g_syn, g_full = _gradients(tr, syn, tr.state.w)
+    cos_syn = float(F.cosine_similarity(g_syn, g_full, dim=0))
     gen = torch.Generator().manual_seed(1)
-    cos_rand = [
-        float(F.cosine_similarity(torch.randn(flat_full.numel(), generator=gen), flat_full, dim=0)) for _ in range(20)
-    ]
+    noise = [torch.randn(g_full.numel(), generator=gen) for _ in range(20)]
+    cos_rand = [float(F.cosine_similarity(r, g_full, dim=0)) for r in noise]
     print(f"cos(g_syn, g_full) = {cos_syn:.3f}; random: max {max(cos_rand):.3f}")
     assert cos_syn > 0.1 and cos_syn > max(cos_rand) + 0.05, (cos_syn, max(cos_rand))
+
+
+def test_warm_refresh_keeps_the_gradient_direction(trajectory):
+    """The trainer's schedule at its default iteration counts: a set distilled from noise at
+    round 6 (``syn_iters``), refreshed at round 10 from that set (``syn_refresh_iters``). At
+    round 10 its gradient points like the full-data gradient: cosine >= 0.85 on average over
+    5 seeds (measured: 0.88; a set distilled from noise at round 10 with 100 iterations: 0.92;
+    the round-6 set unrefreshed: 0.90 here, 0.70 four rounds later, where refreshing gives 0.80)."""
+    tr, models, cfg = trajectory, trajectory.state.trajectory, Config()
+    fresh, stale = [], []
+    for seed in range(5):
+        first, _ = _distill(tr, models[:7], cfg.syn_iters, seed=seed)
+        refreshed, _ = _distill(tr, models[:11], cfg.syn_refresh_iters, seed=seed + 10, init=first)
+        fresh.append(_cosine_with_full_gradient(tr, refreshed, models[10]))
+        stale.append(_cosine_with_full_gradient(tr, first, models[10]))
+    print(f"cos at round 10: refreshed {[round(c, 3) for c in fresh]}, stale {[round(c, 3) for c in stale]}")
+    assert sum(fresh) / 5 >= 0.85 and min(fresh) > 0.8, fresh
 
 
 def test_distill_needs_enough_models(trajectory):

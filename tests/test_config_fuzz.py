@@ -20,7 +20,8 @@ from fedsynsam.config import Config
 FIELDS = [f.name for f in dataclasses.fields(Config)]
 # settings whose size sets the work of a run: only small values, so that every example ends quickly
 COSTLY = {
-    "rounds", "local_steps", "batch_size", "syn_per_class", "syn_unroll", "syn_iters", "sfc_samples", "sfc_iters",
+    "rounds", "local_steps", "batch_size", "syn_per_class", "syn_unroll", "syn_iters", "syn_refresh_iters",
+    "sfc_samples", "sfc_iters",
     "fedsynth_batches", "fedsynth_batch_size", "fedsynth_iters",
 }  # fmt: skip
 CHOICES = ["fedavg", "fedsynsam", "dppf", "topk", "sign", "3sfc", "mnist", "cifar10", "cnn", "server", "shards", ""]
