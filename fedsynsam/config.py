@@ -72,7 +72,7 @@ class Config:
     syn_span: int = 2  # M
     syn_unroll: int = 10  # N
     syn_iters: int = 60  # Adam iterations of the first distillation (from noise)
-    syn_refresh_iters: int = 10  # of each refresh, warm-started from the previous set
+    syn_refresh_iters: int = 8  # of each refresh, warm-started from the previous set
     syn_lr_images: float = 0.05
     syn_lr_labels: float = 0.05
     syn_lr_step: float = 0.01
