@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import pickle
 import struct
 
@@ -185,7 +186,8 @@ def test_cifar10_pickles(tmp_path):
 
 
 def test_unknown_dataset_and_missing_dir():
-    with pytest.raises(ValueError, match="unknown dataset 'svhn'; choose one of digits, mnist5k, mnist, fashion-mnist, cifar10"):
+    choices = "digits, mnist5k, mnist, fashion-mnist, cifar10"
+    with pytest.raises(ValueError, match=f"unknown dataset 'svhn'; choose one of {choices}"):
         load_dataset("svhn")
     with pytest.raises(ValueError, match="pass --data-dir"):
         load_dataset("mnist")
@@ -237,3 +239,27 @@ def test_models_have_no_batchnorm(name, shape):
 def test_cnn_refuses_images_too_small_to_pool_twice():
     with pytest.raises(ValueError, match="at least 4x4 pixels"):
         build_model("cnn", (1, 3, 8), 10)
+
+
+def test_cifar10_recipe_runs_on_tiny_fake_pickles(tmp_path):
+    """docs/cifar10.toml as a user runs it (compare, ResNet-GN, its FedSynSAM settings), on fake
+    pickles of 6 x 60 images, shrunk only in the settings the tiny data cannot carry."""
+    from pathlib import Path
+
+    from fedsynsam.cli import main
+
+    recipe = Path(__file__).resolve().parent.parent / "docs" / "cifar10.toml"
+    data = tmp_path / "cifar-10-batches-py"
+    data.mkdir()
+    _write_cifar(data, n=60)
+    out = tmp_path / "runs"
+    argv = ["compare", "--config", str(recipe), "--data-dir", str(tmp_path), "--out", str(out), "--quiet"]
+    small = ["--algorithms", "fedsynsam", "--compressors", "topk", "--clients", "4", "--per-round", "2"]
+    small += ["--rounds", "3", "--local-steps", "2", "--syn-min-models", "3", "--syn-iters", "1", "--eval-every", "1"]
+    assert main(argv + small) == 0
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["model"] == "resnet" and summary["config"]["dataset"] == "cifar10"
+    assert summary["config"]["syn_unroll"] == 5 and len(summary["distillations"]) == 1
+    # without the data the recipe says what it needs
+    assert main(["compare", "--config", str(recipe), "--out", str(out / "x"), "--quiet"]) == 2
