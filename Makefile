@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedcomp-installed
 
-.PHONY: setup demo flower-demo ops-demo test bench clean
+.PHONY: setup demo flower-demo ops-demo experiment-mnist test bench clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ flower-demo: setup
 
 ops-demo: setup
 	$(PY) -m fedcomp.demo
+
+# Experiment 2 (docs/experiment-mnist.md): every run behind the document (hours on 2 cores;
+# restartable: finished runs are skipped), then its tables and plots in docs/experiment-mnist/.
+experiment-mnist: setup
+	$(PY) docs/experiment_mnist.py run --jobs 2
+	$(PY) docs/experiment_mnist.py report
 
 test: setup
 	$(PY) -m ruff check .

@@ -1,0 +1,242 @@
+"""Experiment 2 (docs/experiment-mnist.md): mnist5k + CNN, the paper's claims with more seeds,
+two degrees of non-IID, a ρ sweep and FedSynSAM ablations.
+
+    python docs/experiment_mnist.py run --jobs 2   # every run not yet finished, then sharpness
+    python docs/experiment_mnist.py report         # tables and plots -> docs/experiment-mnist/
+
+``make experiment-mnist`` does both. Runs go to ``runs/mnist/<grid>/<algorithm>-<compressor>-s<seed>``;
+a stopped ``run`` restarts where it stopped (finished runs are skipped, unfinished ones resume
+from their checkpoint). Each worker uses one torch thread, so every run reproduces bit for bit.
+The shared settings are docs/experiment-mnist.toml; the grids are :data:`GRIDS`.
+
+Every comparison pairs runs with the same seed (the seed fixes the partition, the initial model
+and the client sampling). A claim's row gives the mean paired difference, its 95 % interval
+(Student t over seeds) and how many seeds have the difference of the claimed sign.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedsynsam.config import load_toml
+
+HERE = Path(__file__).resolve().parent
+BASE = load_toml(HERE / "experiment-mnist.toml")
+ALGORITHMS = ["fedavg", "fedsam", "mofedsam", "fedlesam", "fedsynsam"]
+SAM = ["fedsam", "mofedsam", "fedlesam", "fedsynsam"]
+COMPRESSORS = ["none", "topk", "sign"]
+MAIN_SEEDS = [0, 1, 2, 3, 4]
+SUB_SEEDS = [0, 1, 2]
+
+
+@dataclass
+class Grid:
+    name: str
+    overrides: dict
+    algorithms: list
+    compressors: list
+    seeds: list
+    label: str = ""
+    units: list = field(init=False)
+
+    def __post_init__(self):
+        self.units = [(a, c, s) for s in self.seeds for a in self.algorithms for c in self.compressors]
+
+
+GRIDS = [
+    Grid("alpha0.1", {"alpha": 0.1}, ALGORITHMS, COMPRESSORS, MAIN_SEEDS, "main grid, Dirichlet α = 0.1"),
+    Grid("alpha0.5", {"alpha": 0.5}, ALGORITHMS, COMPRESSORS, MAIN_SEEDS, "main grid, Dirichlet α = 0.5"),
+    *[Grid(f"rho{r}", {"alpha": 0.1, "rho": r}, SAM, ["topk"], SUB_SEEDS, f"ρ = {r}") for r in (0.01, 0.02, 0.1, 0.2)],
+    Grid("syn-per-class1", {"alpha": 0.1, "syn_per_class": 1}, ["fedsynsam"], ["topk"], SUB_SEEDS, "1 image per class"),
+    Grid("syn-per-class30", {"alpha": 0.1, "syn_per_class": 30}, ["fedsynsam"], ["topk"], SUB_SEEDS, "30 per class"),
+    Grid("syn-period5", {"alpha": 0.1, "syn_period": 5}, ["fedsynsam"], ["topk"], SUB_SEEDS, "refresh every 5"),
+    Grid("syn-period25", {"alpha": 0.1, "syn_period": 25}, ["fedsynsam"], ["topk"], SUB_SEEDS, "refresh every 25"),
+    Grid("syn-server", {"alpha": 0.1, "perturbation": "server"}, ["fedsynsam"], ["topk"], SUB_SEEDS, "server ε"),
+]
+
+
+def _one(out: str, grid: str, a: str, c: str, s: int) -> str:
+    import torch
+
+    from fedsynsam.compare import run_grid
+
+    torch.set_num_threads(1)
+    g = next(g for g in GRIDS if g.name == grid)
+    run_grid({**BASE, **g.overrides}, [a], [c], [s], Path(out) / grid, progress=False, sharpness=True)
+    return f"{grid}/{a}-{c}-s{s}"
+
+
+def run(out: Path, jobs: int) -> None:
+    from tqdm.auto import tqdm
+
+    # seed-major across the main grids first, so that early stops still give paired results
+    todo = [(g.name, *u) for g in GRIDS for u in g.units]
+    todo.sort(key=lambda t: (not t[0].startswith("alpha"), t[3], GRIDS.index(next(g for g in GRIDS if g.name == t[0]))))
+    todo = [t for t in todo if "lambda_max" not in _summary(out / t[0], *t[1:])]
+    with ProcessPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(todo), desc="runs", unit="run") as bar:
+        futures = [pool.submit(_one, str(out), *t) for t in todo]
+        for f in as_completed(futures):
+            bar.set_postfix_str(f.result())
+            bar.update()
+
+
+def _summary(grid_dir: Path, a: str, c: str, s: int) -> dict:
+    path = grid_dir / f"{a}-{c}-s{s}" / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# -- analysis ---------------------------------------------------------------------------------
+METRICS = [
+    ("mean_test_acc_last5", "accuracy (pp)", 100.0),
+    ("lambda_max", "λ_max", 1.0),
+    ("hessian_trace", "Hessian trace", 1.0),
+    ("valley_width", "valley width", 1.0),
+]
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired(out: Path, grid_a: str, run_a: tuple, grid_b: str, run_b: tuple, key: str) -> list[float]:
+    """``a - b`` for every seed where both runs are finished and measured."""
+    diffs = []
+    for s in MAIN_SEEDS:
+        x, y = _summary(out / grid_a, *run_a, s), _summary(out / grid_b, *run_b, s)
+        if x.get(key) is not None and y.get(key) is not None:
+            diffs.append(x[key] - y[key])
+    return diffs
+
+
+def interval(diffs: list[float], scale: float) -> tuple[float, float, float]:
+    """Mean and 95 % Student-t interval of ``diffs * scale``."""
+    m = statistics.fmean(diffs) * scale
+    if len(diffs) < 2:
+        return m, math.nan, math.nan
+    half = T975[len(diffs) - 1] * statistics.stdev(diffs) * scale / math.sqrt(len(diffs))
+    return m, m - half, m + half
+
+
+def cell(diffs: list[float], scale: float, sign: int) -> str:
+    """``mean [lo, hi] k/n``: k seeds with the claimed sign (``sign`` = +1, -1, or 0: none claimed)."""
+    if not diffs:
+        return "n/a"
+    m, lo, hi = interval(diffs, scale)
+    digits = 3 if abs(m) < 0.1 else 2
+    agree = f" {sum(d * sign > 0 for d in diffs)}/{len(diffs)}" if sign else f" n={len(diffs)}"
+    return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{agree}"
+
+
+# (label, (a, c), (b, c'), claimed sign of a - b for accuracy; sharpness is claimed the other way)
+def claim_rows() -> list[tuple[str, tuple, tuple, int]]:
+    rows = []
+    for c in ("topk", "sign"):
+        rows.append((f"1: FedAvg {c} − FedAvg none", ("fedavg", c), ("fedavg", "none"), -1))
+    for c in ("none", "topk", "sign"):
+        rows.append((f"2: FedLESAM − FedAvg, both {c}", ("fedlesam", c), ("fedavg", c), 0))
+    for c in ("topk", "sign"):
+        rows.append((f"3: FedSynSAM − FedAvg, both {c}", ("fedsynsam", c), ("fedavg", c), +1))
+        rows.append((f"3: FedSynSAM − FedLESAM, both {c}", ("fedsynsam", c), ("fedlesam", c), +1))
+        rows.append((f"3: FedSynSAM − MoFedSAM, both {c}", ("fedsynsam", c), ("mofedsam", c), +1))
+    for c in COMPRESSORS:
+        rows.append((f"ref: FedSAM − FedAvg, both {c}", ("fedsam", c), ("fedavg", c), 0))
+    return rows
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def report(out: Path, dest: Path) -> str:
+    from fedsynsam.compare import run_grid
+
+    dest.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for g in GRIDS[:2]:
+        done = [
+            s
+            for s in g.seeds
+            if all("lambda_max" in _summary(out / g.name, a, c, s) for a in g.algorithms for c in g.compressors)
+        ]
+        if done:  # the grid's own table and plots, over the seeds finished everywhere
+            run_grid(
+                {**BASE, **g.overrides}, g.algorithms, g.compressors, done, out / g.name, progress=False, sharpness=True
+            )
+            for name in (
+                "results.md",
+                "accuracy_vs_round.png",
+                "accuracy_vs_bytes.png",
+                "lambda_max.png",
+                "landscape_1d.png",
+            ):
+                if (out / g.name / name).is_file():
+                    shutil.copy(out / g.name / name, dest / f"{g.name}-{name}")
+        rows = []
+        for label, a, b, sign in claim_rows():
+            row = [label]
+            for key, _, scale in METRICS:
+                s = sign if key == "mean_test_acc_last5" else (-sign if key != "valley_width" else sign)
+                row.append(cell(paired(out, g.name, a, g.name, b, key), scale, s))
+            rows.append(row)
+        parts.append(
+            f"### {g.label} (seeds finished: {len(done)})\n\n"
+            + _table(["paired difference: mean [95 % CI] seeds agreeing"] + [m[1] for m in METRICS], rows)
+        )
+    # ρ sweep: each SAM variant with top-k, α = 0.1; ρ = 0.05 is the main grid
+    sweep = [(0.05, "alpha0.1")] + [(float(g.name[3:]), g.name) for g in GRIDS if g.name.startswith("rho")]
+    rows = []
+    for a in SAM:
+        for rho, grid in sorted(sweep):
+            runs = [_summary(out / grid, a, "topk", s) for s in SUB_SEEDS]
+            runs = [r for r in runs if "lambda_max" in r]
+            if runs:
+                acc = statistics.fmean(100 * r["mean_test_acc_last5"] for r in runs)
+                lam = statistics.fmean(r["lambda_max"] for r in runs)
+                vs = cell(
+                    paired(out, grid, (a, "topk"), "alpha0.1", ("fedavg", "topk"), "mean_test_acc_last5"), 100.0, 0
+                )
+                rows.append([a, f"{rho:g}", str(len(runs)), f"{acc:.2f}", f"{lam:.2f}", vs])
+    parts.append(
+        "### ρ sweep (top-k 1 % + EF, α = 0.1, seeds 0–2)\n\n"
+        + _table(["algorithm", "ρ", "seeds", "accuracy %", "λ_max", "accuracy − FedAvg top-k (pp)"], rows)
+    )
+    rows = []
+    for g in GRIDS:
+        if g.name.startswith("syn-"):
+            row = [g.label]
+            for key, _, scale in METRICS:
+                row.append(
+                    cell(paired(out, g.name, ("fedsynsam", "topk"), "alpha0.1", ("fedsynsam", "topk"), key), scale, 0)
+                )
+            rows.append(row)
+    parts.append(
+        "### FedSynSAM ablations (top-k 1 % + EF, α = 0.1, seeds 0–2): variant − default\n\n"
+        + _table(["variant (default: 10 per class, refresh every 10, client ε)"] + [m[1] for m in METRICS], rows)
+    )
+    text = "\n\n".join(parts) + "\n"
+    (dest / "claims.md").write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["run", "report"])
+    parser.add_argument("--out", default="runs/mnist", help="folder of the runs")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
+    parser.add_argument("--dest", default=str(HERE / "experiment-mnist"), help="where report writes")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        run(Path(args.out), args.jobs)
+    else:
+        print(report(Path(args.out), Path(args.dest)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
