@@ -9,6 +9,8 @@ only themselves, and their error-feedback state does not advance.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -183,6 +185,34 @@ def test_a_supernode_pointed_at_no_superlink_gives_up(tmp_path):
     assert rc != 0 and time.monotonic() - tic < 60
     assert "could not establish a connection to the SuperLink" in log.read_text()
     assert fed.alive() == []
+
+
+def test_sigterm_to_the_owner_still_tears_the_federation_down(tmp_path):
+    """``timeout`` or a CI runner ends a process with SIGTERM: the ``with`` still unwinds."""
+    script = (
+        "import sys, time\n"
+        "from fedsynsam.flower.deploy import LocalFederation\n"
+        "with LocalFederation(1, sys.argv[1]) as fed:\n"
+        "    print(fed.token, flush=True)\n"
+        "    time.sleep(300)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        token = owner.stdout.readline().strip()
+        assert token, "the federation did not start"
+        assert deploy._marked_pids(token)
+        owner.terminate()
+        owner.wait(timeout=30)
+    finally:
+        owner.kill()
+    left = lambda: [p for p in deploy._marked_pids(token) if deploy._running(p)]  # noqa: E731
+    deadline = time.monotonic() + 10
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = left()
+    for pid in survivors:  # a failing run of this test leaves nothing either
+        os.kill(pid, signal.SIGKILL)
+    assert survivors == []
 
 
 def test_cli_refuses_bad_flower_settings_before_starting_anything(tmp_path):

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -279,10 +280,31 @@ class LocalFederation:
                 time.sleep(0.1)
 
     def __enter__(self) -> LocalFederation:
-        return self.start()
+        # SIGTERM (``timeout``, a CI runner, ``kill``) would end this process without unwinding
+        # the ``with``, leaving the federation behind: turn it into KeyboardInterrupt meanwhile
+        self._previous_sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return self.start()
+        except BaseException:
+            self._restore_sigterm()
+            raise
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            self._restore_sigterm()
+
+    def _restore_sigterm(self) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}: stopping the local federation")
 
 
 def _running(pid: int) -> bool:
