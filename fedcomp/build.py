@@ -71,8 +71,11 @@ def library_path() -> Path:
     return build_dir() / f"{library_name()}.so"
 
 
+_BUILT = "built.ok"  # written after a complete build: the library is whole and may be loaded as is
+
+
 def is_built() -> bool:
-    return library_path().is_file()
+    return library_path().is_file() and (build_dir() / _BUILT).is_file()
 
 
 def compiler() -> str | None:
@@ -89,15 +92,19 @@ def load_cpu_extension(verbose: bool = False) -> Path:
     from torch.utils import cpp_extension
 
     target = build_dir()
+    if is_built():
+        # The folder's name hashes the sources' contents and the flags, so its library is
+        # current. Loading it directly skips cpp_extension's ninja check, which rebuilds
+        # (about 30 s) whenever the sources come from another path than the last build's
+        # (a second checkout, an installed copy next to a development one).
+        torch.ops.load_library(str(library_path()))
+        return library_path()
     target.mkdir(parents=True, exist_ok=True)
-    fresh = not is_built()
-    if fresh:
-        print(
-            f"fedcomp: building the C++ CPU kernels for torch {torch.__version__} "
-            f"(one time, about a minute) into {target}",
-            file=sys.stderr,
-            flush=True,
-        )
+    print(
+        f"fedcomp: building the C++ CPU kernels for torch {torch.__version__} (one time, about a minute) into {target}",
+        file=sys.stderr,
+        flush=True,
+    )
     start = time.perf_counter()
     root = csrc_dir()
     cpp_extension.load(
@@ -109,8 +116,8 @@ def load_cpu_extension(verbose: bool = False) -> Path:
         is_python_module=False,
         verbose=verbose,
     )
-    if fresh:
-        print(f"fedcomp: built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    (target / _BUILT).write_text(f"{library_name()}\n")
+    print(f"fedcomp: built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return library_path()
 
 

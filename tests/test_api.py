@@ -220,6 +220,19 @@ def test_build_cache_is_keyed_by_torch_and_sources():
     assert build.library_name().endswith(build.build_tag())
 
 
+def test_a_built_library_is_loaded_without_a_rebuild_check(backend, monkeypatch):
+    """Once built, the kernels load directly: cpp_extension's ninja check would rebuild them
+    (30 s) for every checkout whose sources sit at another path than the last build's."""
+    from torch.utils import cpp_extension
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("cpp_extension.load was called for an already built library")
+
+    monkeypatch.setattr(cpp_extension, "load", no_build)
+    assert build.is_built()
+    assert build.load_cpu_extension() == build.library_path()
+
+
 def test_env_report_lists_what_was_found(backend):
     out = subprocess.run([sys.executable, "-m", "fedcomp.env"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
