@@ -39,6 +39,7 @@ def run_grid(
     *,
     progress: bool = True,
     sharpness: bool = False,
+    sharpness_options: dict | None = None,
     runner=None,
 ) -> list[dict]:
     """Run every (algorithm, compressor, seed) not yet finished in ``out``; write and print the results.
@@ -47,7 +48,8 @@ def run_grid(
     trainer, resuming from a checkpoint there; ``fedsynsam flower demo`` runs it on Flower).
 
     ``sharpness``: also measure every run not yet measured (:func:`fedsynsam.sharpness.measure_run`)
-    and add λ_max, the Hessian trace and the valley width to the table, with their plots.
+    and add λ_max, the Hessian trace and the valley width to the table, with their plots;
+    ``sharpness_options``: keyword arguments for it (``samples``, ``surface``, ...).
     """
     from tqdm.auto import tqdm
 
@@ -79,7 +81,7 @@ def run_grid(
         if sharpness and "lambda_max" not in json.loads(summary.read_text()):
             from .sharpness import measure_run
 
-            measure_run(run_dir, dataset=data, device=cfg.device)
+            measure_run(run_dir, dataset=data, device=cfg.device, **(sharpness_options or {}))
     rows = collect(out, algorithms, compressors, seeds)
     table = format_results(rows, cfgs[0])
     (out / "results.md").write_text(table + "\n")

@@ -201,8 +201,12 @@ def measure_run(
     trace_samples: int = 50,
     dataset=None,
     device: str = "auto",
+    surface: bool = True,
 ) -> dict:
     """Measure a finished run: λ_max, Hessian trace, valley width and landscapes of its final model.
+
+    ``samples`` training points (a fixed subset) define the loss; ``surface=False`` skips
+    the 21 x 21 2-D landscape (441 loss evaluations, the largest single cost on a CNN).
 
     Writes the numbers into ``summary.json`` (keys ``lambda_max``, ``lambda_max_iterations``,
     ``lambda_max_converged``, ``hessian_trace``, ``hessian_trace_stderr``, ``valley_width``,
@@ -234,11 +238,14 @@ def measure_run(
     trace, stderr = hutchinson_trace(obj, samples=trace_samples)
     width, width_std = valley_width(obj)
     alphas, curve = landscape_1d(obj)
-    alphas2, grid = landscape_2d(obj)
-    torch.save({"alphas": alphas, "loss_1d": curve, "alphas_2d": alphas2, "loss_2d": grid}, run_dir / "landscape.pt")
+    curves = {"alphas": alphas, "loss_1d": curve}
     label = f"{cfg.algorithm}/{cfg.compressor} seed {cfg.seed}"
+    if surface:
+        alphas2, grid = landscape_2d(obj)
+        curves.update(alphas_2d=alphas2, loss_2d=grid)
+        plot_landscape_2d(alphas2, grid, run_dir / "landscape_2d.png", title=label)
+    torch.save(curves, run_dir / "landscape.pt")
     plot_landscape_1d({label: (alphas, curve)}, run_dir / "landscape_1d.png")
-    plot_landscape_2d(alphas2, grid, run_dir / "landscape_2d.png", title=label)
     result = {
         "lambda_max": eig.value,
         "lambda_max_iterations": eig.iterations,

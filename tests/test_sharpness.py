@@ -99,3 +99,18 @@ def test_sharpness_cli_errors(tmp_path, capsys):
     assert "summary.json is missing" in capsys.readouterr().err
     assert main(["sharpness", str(tmp_path), "--tol", "2"]) == 2
     assert "--tol must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_measure_run_options_reach_it_through_the_grid(tmp_path):
+    """``sharpness_options`` of run_grid: a smaller sample and no 2-D surface."""
+    from fedsynsam.compare import run_grid
+
+    base = dict(rounds=2, clients=4, per_round=2, local_steps=2)
+    out = tmp_path / "grid"
+    run_grid(base, ["fedavg"], ["none"], [0], out, progress=False, sharpness=True,
+             sharpness_options={"samples": 64, "surface": False})  # fmt: skip
+    run = out / "fedavg-none-s0"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["sharpness_samples"] == 64 and summary["lambda_max"] > 0
+    assert not (run / "landscape_2d.png").exists() and (run / "landscape_1d.png").is_file()
+    assert set(torch.load(run / "landscape.pt")) == {"alphas", "loss_1d"}
