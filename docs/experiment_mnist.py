@@ -85,9 +85,8 @@ def run(out: Path, jobs: int) -> None:
     from tqdm.auto import tqdm
 
     # seed-major across the main grids first, so that early stops still give paired results
-    todo = [(g.name, *u) for g in GRIDS for u in g.units]
-    todo.sort(key=lambda t: (not t[0].startswith("alpha"), t[3], GRIDS.index(next(g for g in GRIDS if g.name == t[0]))))
-    todo = [t for t in todo if "lambda_max" not in _summary(out / t[0], *t[1:])]
+    ranked = [((not g.name.startswith("alpha"), u[2], i), (g.name, *u)) for i, g in enumerate(GRIDS) for u in g.units]
+    todo = [t for _, t in sorted(ranked, key=lambda r: r[0]) if "lambda_max" not in _summary(out / t[0], *t[1:])]
     with ProcessPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(todo), desc="runs", unit="run") as bar:
         futures = [pool.submit(_one, str(out), *t) for t in todo]
         for f in as_completed(futures):

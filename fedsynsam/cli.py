@@ -98,6 +98,13 @@ def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in _csv_list(text)]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers; got {text!r}") from None
+
+
 def _compare(args) -> int:
     from .compare import run_grid
 
@@ -109,13 +116,7 @@ def _compare(args) -> int:
         _csv_list(args.algorithms) if args.algorithms else grid.get("algorithms", ["fedavg", "fedlesam", "fedsynsam"])
     )
     compressors = _csv_list(args.compressors) if args.compressors else grid.get("compressors", ["none", "topk"])
-    if args.seeds:
-        try:
-            seeds = [int(s) for s in _csv_list(args.seeds)]
-        except ValueError:
-            raise ValueError(f"--seeds must be comma-separated integers; got {args.seeds!r}") from None
-    else:
-        seeds = grid.get("seeds", [0])
+    seeds = _seed_list(args.seeds) if args.seeds else grid.get("seeds", [0])
     run_grid(base, algorithms, compressors, seeds, Path(args.out), progress=not args.quiet, sharpness=args.sharpness)
     return 0
 
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .flower.cli import add_parser as add_flower
 
-    add_flower(sub, _add_config_flags, _resolve, _csv_list)
+    add_flower(sub, _add_config_flags, _resolve, _csv_list, _seed_list)
     return parser
 
 

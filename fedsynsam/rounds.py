@@ -26,7 +26,8 @@ from fedcomp.flat import FlatSpec, flatten, unflatten
 
 from . import algorithms as alg
 from .config import Config
-from .data import dirichlet_partition, shard_partition
+from .data import Dataset, dirichlet_partition, shard_partition
+from .models import build_model
 from .syncomp import ModelCompressor
 from .synthetic import SyntheticSet
 
@@ -39,6 +40,7 @@ __all__ = [
     "client_update",
     "counter",
     "partition_for",
+    "initial_model",
     "load_flat",
     "compress_one",
 ]
@@ -89,6 +91,15 @@ def partition_for(cfg: Config, labels: Tensor) -> list[list[int]]:
     if cfg.partition == "dirichlet":
         return dirichlet_partition(labels, cfg.clients, cfg.alpha, cfg.seed)
     return shard_partition(labels, cfg.clients, cfg.shards_per_client, cfg.seed)
+
+
+def initial_model(cfg: Config, data: Dataset, device) -> tuple[torch.nn.Module, Tensor, FlatSpec]:
+    """The run's model on ``device``, initialised from ``cfg.seed`` on the CPU (the same start on
+    every device, on the server and on every node), its flat ``[numel]`` parameters and layout."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    w0, spec = flatten(model)
+    return model, w0, spec
 
 
 def counter(uplink):

@@ -50,14 +50,20 @@ class SyntheticSet:
         """``[numel]`` float32: images, label logits, log step size (what goes down the wire)."""
         return torch.cat([self.images.reshape(-1), self.label_logits.reshape(-1), self.log_lr.reshape(1)]).float()
 
+    @staticmethod
+    def floats_for(like_images: tuple, num_classes: int) -> int:
+        """:attr:`numel` of a set whose images have shape ``like_images`` ``[m, C, H, W]``."""
+        return like_images[0] * (math.prod(like_images[1:]) + num_classes) + 1
+
     @classmethod
     def from_flat(cls, flat: Tensor, like_images: tuple, num_classes: int, version: int) -> SyntheticSet:
         """Inverse of :meth:`flat` for ``like_images`` = the images' shape ``[m, C, H, W]``."""
         m, d = like_images[0], math.prod(like_images[1:])
-        if flat.numel() != m * (d + num_classes) + 1:
+        expected = cls.floats_for(like_images, num_classes)
+        if flat.numel() != expected:
             raise ValueError(
                 f"a synthetic set of {like_images} images and {num_classes} classes has "
-                f"{m * (d + num_classes) + 1} floats; got {flat.numel()}"
+                f"{expected} floats; got {flat.numel()}"
             )
         images = flat[: m * d].reshape(like_images).clone()
         labels = flat[m * d : m * (d + num_classes)].reshape(m, num_classes).clone()

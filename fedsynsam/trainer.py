@@ -32,13 +32,11 @@ import torch
 import torch.nn.functional as F
 
 import fedcomp
-from fedcomp.flat import flatten
 
 from . import algorithms as alg
 from . import checkpoint as checkpoints
 from .config import NOT_IDENTITY, Config, resolve_device
 from .data import Dataset, load_dataset
-from .models import build_model
 from .rounds import (
     RoundPlan,
     RoundResult,
@@ -46,6 +44,7 @@ from .rounds import (
     compress_one,
     counter,
     dense_bytes,
+    initial_model,
     load_flat,
     momentum_for,
     needs_u_prev,
@@ -138,9 +137,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         data = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
         self.data = data.to(self.device)
-        torch.manual_seed(cfg.seed)  # the model is initialised on the CPU: the same start on every device
-        self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
-        w0, self.spec = flatten(self.model)
+        self.model, w0, self.spec = initial_model(cfg, self.data, self.device)
         self.partition = partition_for(cfg, data.y_train)
         self.client_index = [torch.tensor(p, dtype=torch.long, device=self.device) for p in self.partition]
         self.uplink = build_uplink(cfg, self.model, self.spec, self.data)
@@ -214,10 +211,17 @@ class Trainer:
             total += dense
         if plan.direction is not None:
             total += dense
-        if plan.synthetic is not None and self.state.client_syn_version.get(client) != plan.synthetic.version:
+        if self.hand_synthetic(plan, client):
             total += plan.synthetic.nbytes
-            self.state.client_syn_version[client] = plan.synthetic.version
         return total
+
+    def hand_synthetic(self, plan: RoundPlan, client: int) -> bool:
+        """Whether ``client`` lacks the plan's ``D_syn`` and so is sent it; records that it then holds it."""
+        st = self.state
+        if plan.synthetic is None or st.client_syn_version.get(client) == plan.synthetic.version:
+            return False
+        st.client_syn_version[client] = plan.synthetic.version
+        return True
 
     def run_clients(self, plan: RoundPlan) -> RoundResult:
         """Every sampled client in this process: local steps, then all updates compressed together

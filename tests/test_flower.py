@@ -200,16 +200,15 @@ def test_sigterm_to_the_owner_still_tears_the_federation_down(tmp_path):
     try:
         token = owner.stdout.readline().strip()
         assert token, "the federation did not start"
-        assert deploy._marked_pids(token)
+        assert deploy.running_pids(token)
         owner.terminate()
         owner.wait(timeout=30)
     finally:
         owner.kill()
-    left = lambda: [p for p in deploy._marked_pids(token) if deploy._running(p)]  # noqa: E731
     deadline = time.monotonic() + 10
-    while left() and time.monotonic() < deadline:
+    while deploy.running_pids(token) and time.monotonic() < deadline:
         time.sleep(0.2)
-    survivors = left()
+    survivors = deploy.running_pids(token)
     for pid in survivors:  # a failing run of this test leaves nothing either
         os.kill(pid, signal.SIGKILL)
     assert survivors == []

@@ -27,7 +27,7 @@ def _app_settings(args, out: Path) -> AppSettings:
     ).validate()
 
 
-def _demo(args, resolve, csv_list) -> int:
+def _demo(args, resolve, csv_list, seed_list) -> int:
     from ..compare import run_grid
     from .deploy import LocalFederation
 
@@ -39,7 +39,7 @@ def _demo(args, resolve, csv_list) -> int:
     base.setdefault("per_round", min(3, clients))
     out = Path(args.out)
     algorithms, compressors = csv_list(args.algorithms), csv_list(args.compressors)
-    seeds = [int(s) for s in csv_list(args.seeds)]
+    seeds = seed_list(args.seeds)
     for a in algorithms:  # refuse what Flower cannot run before starting anything
         for c in compressors:
             check_flower(Config.from_dict({**base, "algorithm": a, "compressor": c}).validate())
@@ -117,8 +117,8 @@ def _app(args, resolve) -> int:
     return 0
 
 
-def add_parser(sub, add_config_flags, resolve, csv_list) -> None:
-    """The ``flower`` subcommand of the fedsynsam CLI (``add_config_flags``/``resolve`` from there)."""
+def add_parser(sub, add_config_flags, resolve, csv_list, seed_list) -> None:
+    """The ``flower`` subcommand of the fedsynsam CLI (the other arguments: its helpers)."""
     flower = sub.add_parser("flower", help="run on Flower's deployment runtime (SuperLink + SuperNodes)")
     fsub = flower.add_subparsers(dest="flower_command", required=True)
 
@@ -137,7 +137,7 @@ def add_parser(sub, add_config_flags, resolve, csv_list) -> None:
     demo.add_argument("--quiet", action="store_true", help="no per-round log lines")
     common(demo)
     add_config_flags(demo, skip=("algorithm", "compressor", "seed"))
-    demo.set_defaults(func=lambda a: _demo(a, resolve, csv_list))
+    demo.set_defaults(func=lambda a: _demo(a, resolve, csv_list, seed_list))
 
     run = fsub.add_parser("run", help="one run on an existing federation")
     run.add_argument("--superlink", required=True, help="the SuperLink's HOST:PORT")

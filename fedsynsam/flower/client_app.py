@@ -20,13 +20,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 import fedcomp
-from fedcomp.flat import flatten
 from fedcomp.flower import pack_state, unpack_state
 
 from ..config import resolve_device
 from ..data import load_dataset
-from ..models import build_model
-from ..rounds import client_update, compress_one, counter, partition_for
+from ..rounds import client_update, compress_one, counter, initial_model, partition_for
 from ..synthetic import SyntheticSet
 from ..trainer import build_uplink
 from . import protocol
@@ -57,9 +55,7 @@ def _node(context: Context):
         _cache.clear()
         device = resolve_device(cfg.device)
         data = load_dataset(cfg.dataset, cfg.data_dir).to(device)
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-        _, spec = flatten(model)
+        model, _, spec = initial_model(cfg, data, device)
         idx = torch.tensor(partition_for(cfg, data.y_train)[client], dtype=torch.long, device=device)
         _cache[key] = (cfg, settings, device, data, model, spec, idx)
     return client, _cache[key]

@@ -75,6 +75,11 @@ def _marked_pids(token: str) -> list[int]:
     return [p for p in pids if p != os.getpid()]
 
 
+def running_pids(token: str) -> list[int]:
+    """Processes of the federation marked ``token`` that are still running (not zombies)."""
+    return [p for p in _marked_pids(token) if _running(p)]
+
+
 _FAILED = re.compile(r"Exit Code: (\d+)")
 
 
@@ -264,7 +269,7 @@ class LocalFederation:
 
     def alive(self) -> list[int]:
         """Process ids of this federation still running (any depth, detached or not)."""
-        return [p for p in _marked_pids(self.token) if _running(p)]
+        return running_pids(self.token)
 
     def stop(self) -> None:
         """End every process of this federation: SIGTERM, then SIGKILL after 5 s."""

@@ -29,8 +29,6 @@ and ``round`` (int). A ``query`` message asks a node for its ``partition-id`` an
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -97,7 +95,7 @@ def decode_plan(fields, numel: int, num_classes: int, device, cached_syn: Synthe
     if version:
         if "syn" in fields:
             shape = tuple(int(s) for s in fields["syn_shape"])
-            floats = dense_from(fields["syn"], shape[0] * (math.prod(shape[1:]) + num_classes) + 1, device, "syn")
+            floats = dense_from(fields["syn"], SyntheticSet.floats_for(shape, num_classes), device, "syn")
             plan.synthetic = SyntheticSet.from_flat(floats, shape, num_classes, version)
         elif cached_syn is not None and cached_syn.version == version:
             plan.synthetic = cached_syn

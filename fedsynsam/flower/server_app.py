@@ -81,10 +81,9 @@ class FlowerClients:
         expect_numel = uplink.floats() if isinstance(uplink, ModelCompressor) else tr.numel
         msgs, down, sent_syn = {}, 0, set()
         for j, c in enumerate(plan.clients):
-            send_syn = plan.synthetic is not None and st.client_syn_version.get(c) != plan.synthetic.version
+            send_syn = tr.hand_synthetic(plan, c)
             fields, nbytes = protocol.encode_plan(plan, c, plan.first_call + j, self.accepted.get(c, -1), send_syn)
             if send_syn:
-                st.client_syn_version[c] = plan.synthetic.version
                 sent_syn.add(c)
             down += nbytes
             content = RecordDict({protocol.RECORD: ConfigRecord(fields)})
