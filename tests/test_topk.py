@@ -65,6 +65,39 @@ def test_topk_ef_all_equal_magnitudes(backend, n):
         assert torch.equal(indices, torch.arange(n // 3))
 
 
+def _misleading(n: int, where: str) -> torch.Tensor:
+    """Large entries placed against the CPU kernel's sample (every 16th entry, from 0)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(n, generator=g) * 1e-3
+    on_sample = torch.arange(n) % 16 == 0
+    big = torch.randn(n, generator=g) * 100
+    if where == "off the sample, 1 in 16":  # the sample sees only noise; the list still holds the top k
+        pick = torch.arange(n) % 16 == 3
+    elif where == "off the sample, 15 in 16":  # the list would pass its cap: exact fallback
+        pick = ~on_sample
+    else:  # "on the sample only": the list holds fewer than k entries: exact fallback
+        pick = on_sample
+    return torch.where(pick, big, x)
+
+
+@pytest.mark.parametrize("where", ["off the sample, 1 in 16", "off the sample, 15 in 16", "on the sample only"])
+@pytest.mark.parametrize("frac", [0.001, 0.01, 0.02])
+def test_topk_ef_exact_when_the_sample_misleads(backend, where, frac):
+    # n >= 2^18 takes the sampled path; its sample decides only how much work
+    # is done, so every layout must still give the reference's answer.
+    n = 2**20 + 3
+    x = _misleading(n, where)
+    r = torch.randn(n, generator=torch.Generator().manual_seed(2)) * 1e-4
+    check_topk(x, r, int(frac * n))
+    check_topk(x, None, int(frac * n))
+    xs, rs = torch.stack([x, -x, x.roll(5)]), torch.stack([r, r, -r])  # rows: one sampled call per row
+    rs_ref = rs.clone()
+    got = fedcomp.topk_ef(xs, rs, int(frac * n))
+    want = reference.topk_ef_rows(xs, rs_ref, int(frac * n))
+    for a, b, what in zip(got + (rs,), want + (rs_ref,), ("values", "indices", "residual")):
+        assert_same(a, b, what)
+
+
 def test_topk_ef_nonfinite_sorted_first(backend):
     x = torch.tensor([1.0, float("nan"), -float("inf"), 5.0, float("inf"), -2.0])
     _, indices = check_topk(x, torch.zeros(6), 3)

@@ -13,7 +13,9 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -45,30 +47,34 @@ void for_chunks(int64_t n, int64_t chunk, const F& fn) {
 //
 // key = abs_key(a) (31 bits). Passes over memory (reading `a` means reading
 // the residual buffer, which holds a after pass 1):
-//   1. a = x + r, written back into r; per-chunk histogram of the top 11 key
-//      bits (2048 bins). This fixes the boundary bin B: the entries of bins
-//      above B are all picked, `need` more come from bin B.
-//   2. gather (common case, bin B holds at most candidate_cap(n) entries):
-//      one read of a that copies the picked entries (bins > B) to a
-//      k-sized buffer and zeroes them in r, and the bin-B entries to a
-//      candidate list. The threshold among the candidates is then resolved
-//      in the small list, and a merge of two index-sorted lists writes the
-//      output, sorted by index. Total: the add plus one read.
-//   2'. fallback (bin B larger than the cap, e.g. many equal magnitudes):
-//      10-bit histograms of the next key digits among the keys that share
-//      the prefix (up to two reads), then one compaction read whose per-chunk
-//      output offsets come from the histograms, so the output is sorted by
-//      index with no sort or merge.
-// Temporaries: 2048 counters per 64K-element chunk, buffers of size <= k,
-// and a candidate list of at most n/32 + 64K entries; never a copy of x.
+//   1. a = x + r, written back into r, and the keys of every 16th entry,
+//      read back from L1, with a histogram of their top 11 bits (2048 bins).
+//      From this sample, a key lo_key low enough that, with a wide margin, at
+//      least k entries lie at or above it.
+//   2. one read of a that lists (key, index) of the entries at or above
+//      lo_key, in index order (per chunk; the test of every key is
+//      vectorised into byte flags, read back 8 at a time). If the list holds at least k entries,
+//      the exact answer is in it: histograms of the listed keys, one radix
+//      digit at a time, fix the k-th largest key, and one walk of the list
+//      writes the output, sorted by index, and zeroes the picked entries of
+//      r. Total: the add plus one read.
+//   Fallback (the sample misled, k is a large share of n, or the list would
+//   exceed candidate_cap(n), e.g. many equal magnitudes): the exact
+//   histogram of every key, then one gather read as above, or, when the
+//   boundary bin is itself too large, 10-bit histograms of the next key
+//   digits among the keys that share the prefix (up to two reads) and one
+//   compaction read whose per-chunk output offsets come from the histograms.
+// The sample only decides how much work is done, never which entries are
+// picked, so the result is exact and the same for any data order or thread
+// count. Temporaries: 2048 counters per 64K-element chunk, n/16 sampled
+// keys, buffers of size <= k, and a candidate list of at most
+// candidate_cap(n) = n/32 + 64K entries (plus one chunk per thread); never a
+// copy of x.
 // ===========================================================================
 constexpr int kTopBins = 2048;  // first digit: key >> 20
 
 inline int64_t candidate_cap(int64_t n) { return n / 32 + 65536; }
 
-// Chosen digit of a histogram: the highest bin `d` with
-// count(bins > d) < need <= count(bins >= d). Updates need to the number
-// still to take from bin d.
 // Per-digit totals over all chunks of the per-chunk histograms (row stride kTopBins).
 inline std::vector<int64_t> column_totals(const std::vector<uint32_t>& hist, int64_t nchunks, int bins) {
   std::vector<int64_t> total(bins, 0);
@@ -77,6 +83,9 @@ inline std::vector<int64_t> column_totals(const std::vector<uint32_t>& hist, int
   return total;
 }
 
+// Chosen digit of a histogram: the highest bin `d` with
+// count(bins > d) < need <= count(bins >= d). Updates need to the number
+// still to take from bin d.
 inline int pick_digit(const std::vector<int64_t>& total, int64_t& need) {
   int digit = static_cast<int>(total.size()) - 1;
   while (total[digit] < need) need -= total[digit--];
@@ -142,6 +151,97 @@ void topk_multilevel(const scalar_t* a, scalar_t* r, int64_t n, int64_t need, ui
   });
 }
 
+constexpr int64_t kSampleStride = 16;     // pass 1 histograms every 16th entry ...
+constexpr int64_t kSampleMinN = 1 << 18;  // ... when n is at least this
+
+// The sampled path's pass 2 and selection: the exact top-k among the entries
+// with key >= lo_key, written to out_v/out_i with the picks zeroed in r.
+// Returns false, having written nothing, when fewer than k entries or more
+// than candidate_cap(n) lie at or above lo_key.
+template <typename scalar_t, typename index_t>
+bool topk_from_candidates(const scalar_t* a, scalar_t* r, int64_t n, int64_t k, uint32_t lo_key,
+                          int64_t expected, scalar_t* out_v, index_t* out_i) {
+  const int64_t nchunks = ceil_div(n, kChunk);
+  const int64_t cap = candidate_cap(n);
+  // Per chunk, in index order: key << 32 | (index - chunk start).
+  std::vector<std::vector<uint64_t>> list(nchunks);
+  std::atomic<int64_t> listed{0};
+  std::atomic<bool> over{false};
+  for_chunks(n, kChunk, [&](int64_t c, int64_t b, int64_t e) {
+    if (over.load(std::memory_order_relaxed)) return;
+    std::vector<uint64_t>& out = list[c];
+    out.reserve(static_cast<size_t>(std::min<int64_t>(e - b, 2 * expected / nchunks + 64)));
+    // Per sub-block: the test of every key as a byte flag (vectorised), then
+    // 8 flags at a time as one word; most words are zero.
+    alignas(64) uint8_t flag[1024 + 8];
+    for (int64_t s = b; s < e; s += 1024) {
+      const int64_t len = std::min<int64_t>(e - s, 1024);
+      for (int64_t j = 0; j < len; ++j) flag[j] = abs_key(to_f(a[s + j])) >= lo_key;
+      std::memset(flag + len, 0, 8);
+      for (int64_t g = 0; g < len; g += 8) {
+        uint64_t word;
+        std::memcpy(&word, flag + g, 8);
+        for (; word; word &= word - 1) {  // each flag byte is 0 or 1: its lowest bit is bit 8j
+          const int64_t i = s + g + __builtin_ctzll(word) / 8;
+          out.push_back(static_cast<uint64_t>(abs_key(to_f(a[i]))) << 32 | static_cast<uint64_t>(i - b));
+        }
+      }
+    }
+    if (listed.fetch_add(static_cast<int64_t>(out.size())) + static_cast<int64_t>(out.size()) > cap) over = true;
+  });
+  if (over || listed.load() < k) return false;
+
+  // The k-th largest listed key T, one radix digit at a time (11, 10, 10
+  // bits) over the keys still in play: all keys > T and the first (by index)
+  // `ties` keys == T are picked.
+  std::vector<uint32_t> keys;
+  keys.reserve(static_cast<size_t>(listed.load()));
+  for (const auto& l : list)
+    for (uint64_t v : l) keys.push_back(static_cast<uint32_t>(v >> 32));
+  int64_t need = k;
+  uint32_t threshold = 0;
+  for (const auto [shift, bins] : {std::pair{20, kTopBins}, std::pair{10, 1024}, std::pair{0, 1024}}) {
+    std::vector<int64_t> count(bins, 0);
+    for (uint32_t key : keys) ++count[(key >> shift) & (bins - 1)];
+    const uint32_t digit = static_cast<uint32_t>(pick_digit(count, need));
+    threshold |= digit << shift;
+    keys.erase(std::remove_if(keys.begin(), keys.end(),
+                              [&](uint32_t key) { return ((key >> shift) & (bins - 1)) != digit; }),
+               keys.end());
+  }
+  int64_t ties = need;
+
+  // Each chunk's output offset and share of the ties, then the output in
+  // parallel: the list is in index order, so the output is too.
+  std::vector<int64_t> offset(nchunks + 1, 0), tie_share(nchunks, 0);
+  for (int64_t c = 0; c < nchunks; ++c) {
+    int64_t gt = 0, eq = 0;
+    for (uint64_t v : list[c]) {
+      const uint32_t key = static_cast<uint32_t>(v >> 32);
+      gt += key > threshold;
+      eq += key == threshold;
+    }
+    tie_share[c] = std::min(ties, eq);
+    ties -= tie_share[c];
+    offset[c + 1] = offset[c] + gt + tie_share[c];
+  }
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t pos = offset[c], tie_left = tie_share[c];
+      const int64_t b = c * kChunk;
+      for (uint64_t v : list[c]) {
+        const uint32_t key = static_cast<uint32_t>(v >> 32);
+        if (key < threshold || (key == threshold && tie_left-- <= 0)) continue;
+        const int64_t i = b + static_cast<int64_t>(v & 0xffffffffu);
+        out_v[pos] = a[i];
+        out_i[pos++] = static_cast<index_t>(i);
+        if (r) r[i] = static_cast<scalar_t>(0);
+      }
+    }
+  });
+  return true;
+}
+
 template <typename scalar_t, typename index_t>
 void topk_ef_impl(const scalar_t* x, scalar_t* r, int64_t n, int64_t k, scalar_t* out_v,
                   index_t* out_i) {
@@ -149,19 +249,58 @@ void topk_ef_impl(const scalar_t* x, scalar_t* r, int64_t n, int64_t k, scalar_t
   std::vector<uint32_t> hist(static_cast<size_t>(nchunks) * kTopBins);
   const scalar_t* a = r ? r : x;
 
-  // Pass 1: a = x + r (stored in r) and the histogram of key >> 20. The add
-  // runs over sub-blocks first so it vectorises; the histogram then reads
-  // the sub-block back from L1.
+  // Pass 1: a = x + r (stored in r) and the histogram of key >> 20 (of every
+  // kSampleStride-th entry when `sampled`). The add runs over sub-blocks
+  // first so it vectorises; the histogram then reads the sub-block back from L1.
+  const bool sampled = n >= kSampleMinN && 2 * k <= candidate_cap(n);
+  const int64_t step = sampled ? kSampleStride : 1;
+  std::vector<uint32_t> sample_keys(sampled && k > 0 ? ceil_div(n, kSampleStride) : 0);
   for_chunks(n, kChunk, [&](int64_t c, int64_t b, int64_t e) {
     uint32_t* h = hist.data() + c * kTopBins;
     for (int64_t s = b; s < e; s += 1024) {
       const int64_t t = std::min(e, s + 1024);
       if (r)
         for (int64_t i = s; i < t; ++i) r[i] = static_cast<scalar_t>(to_f(x[i]) + to_f(r[i]));
-      for (int64_t i = s; i < t; ++i) ++h[abs_key(to_f(a[i])) >> 20];
+      if (k == 0) continue;
+      for (int64_t i = s; i < t; i += step) {
+        const uint32_t key = abs_key(to_f(a[i]));
+        ++h[key >> 20];
+        if (sampled) sample_keys[i / kSampleStride] = key;
+      }
     }
   });
   if (k == 0) return;
+
+  if (sampled) {
+    // lo_key: the sample holds the share of k it should at or above it, plus
+    // 4 standard deviations and 16. Its bin comes from the histogram, its
+    // next 10 bits from the sampled keys in that bin. List from there if the
+    // list is expected to fit.
+    const std::vector<int64_t> sample = column_totals(hist, nchunks, kTopBins);
+    const int64_t m = static_cast<int64_t>(sample_keys.size());
+    const double expect = static_cast<double>(k) * static_cast<double>(m) / static_cast<double>(n);
+    int64_t want = static_cast<int64_t>(std::ceil(expect + 4.0 * std::sqrt(expect) + 16.0));
+    if (want <= m) {
+      const int bin = pick_digit(sample, want);  // want: now the number still to take from `bin`
+      std::vector<int64_t> sub(1024, 0);
+      for (uint32_t key : sample_keys)
+        if ((key >> 20) == static_cast<uint32_t>(bin)) ++sub[(key >> 10) & 1023];
+      int64_t in_sub = want;
+      const int digit = pick_digit(sub, in_sub);
+      int64_t listed = 0;  // sampled keys at or above lo_key
+      for (int d = bin + 1; d < kTopBins; ++d) listed += sample[d];
+      for (int d = digit; d < 1024; ++d) listed += sub[d];
+      const int64_t expected = listed * (n / m + 1);
+      const uint32_t lo_key = static_cast<uint32_t>(bin) << 20 | static_cast<uint32_t>(digit) << 10;
+      if (expected <= candidate_cap(n) && topk_from_candidates(a, r, n, k, lo_key, expected, out_v, out_i)) return;
+    }
+    // The sample misled: the exact histogram of every key (one more read).
+    std::fill(hist.begin(), hist.end(), 0u);
+    for_chunks(n, kChunk, [&](int64_t c, int64_t b, int64_t e) {
+      uint32_t* h = hist.data() + c * kTopBins;
+      for (int64_t i = b; i < e; ++i) ++h[abs_key(to_f(a[i])) >> 20];
+    });
+  }
 
   const std::vector<int64_t> total = column_totals(hist, nchunks, kTopBins);
   int64_t need = k;
