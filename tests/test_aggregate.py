@@ -27,6 +27,34 @@ def test_sparse_accumulate_matches_reference(backend, n, dtype, index_dtype):
     assert_same(o1, o2, "out")
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("layout", ["distinct", "runs of duplicates", "one index"])
+def test_sparse_accumulate_sorted_indices_split_across_threads(backend, layout, index_dtype):
+    # Ascending indices (top-k and rand-k payloads) are split into runs of the
+    # list; a cut never separates equal indices, so duplicates still add in list order.
+    g = torch.Generator().manual_seed(3)
+    n, m = 100_003, 40_000
+    if layout == "distinct":
+        indices = torch.randperm(n, generator=g)[:m].sort().values
+    elif layout == "runs of duplicates":
+        indices = torch.randint(0, 50, (m,), generator=g).sort().values * 2000
+    else:
+        indices = torch.full((m,), 77)
+    indices = indices.to(index_dtype)
+    values = torch.randn(m, generator=g)
+    out = torch.randn(n, generator=g)
+    want = out.clone()
+    reference.sparse_accumulate(want, indices, values, 0.3)
+    threads = torch.get_num_threads()
+    for t in (1, 2, 3):
+        torch.set_num_threads(t)
+        try:
+            got = fedcomp.sparse_accumulate(out.clone(), indices, values, 0.3)
+        finally:
+            torch.set_num_threads(threads)
+        assert_same(got, want, f"out with {t} threads")
+
+
 def test_sparse_accumulate_of_many_payloads_equals_dense_sum(backend):
     n, clients = 50_000, 10
     out = torch.zeros(n)

@@ -835,16 +835,39 @@ Tensor sign_majority_cpu(const Tensor& stack) {
 }
 
 // ===========================================================================
-// sparse_accumulate: out[idx] += alpha * v. Each work item owns a slice of
-// `out` and applies, in list order, the entries that fall in it: no atomics,
-// and duplicates accumulate in the same order as a serial loop.
+// sparse_accumulate: out[idx] += alpha * v, with no atomics, and duplicates
+// accumulated in list order, as a serial loop would. Sorted indices (top-k
+// and rand-k payloads) are split into equal runs of the list, each cut moved
+// past a run of equal indices, so the work items touch disjoint entries.
+// Otherwise each work item owns a slice of `out` and applies, in list order,
+// the entries that fall in it.
 // ===========================================================================
 template <typename val_t, typename index_t>
 void sparse_accumulate_impl(float* out, int64_t n, const index_t* idx, const val_t* val, int64_t m,
                             float alpha) {
-  for (int64_t j = 0; j < m; ++j)
+  bool ascending = true;
+  for (int64_t j = 0; j < m; ++j) {
     TORCH_CHECK_INDEX(idx[j] >= 0 && idx[j] < n, "fedcomp::sparse_accumulate: indices must lie in [0, ",
                       n, "), got ", static_cast<int64_t>(idx[j]), " at position ", j);
+    ascending &= j == 0 || idx[j - 1] <= idx[j];
+  }
+  auto apply = [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) out[idx[j]] = out[idx[j]] + alpha * to_f(val[j]);
+  };
+  if (ascending) {
+    const int64_t parts = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, m >> 12));
+    std::vector<int64_t> cut(parts + 1, m);
+    cut[0] = 0;
+    for (int64_t p = 1; p < parts; ++p) {
+      int64_t j = std::max(cut[p - 1], m * p / parts);
+      while (j > 0 && j < m && idx[j] == idx[j - 1]) ++j;
+      cut[p] = j;
+    }
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) apply(cut[p], cut[p + 1]);
+    });
+    return;
+  }
   // Every slice scans the whole list, so fan out only when the list is long.
   const int64_t slices = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, m >> 18));
   const int64_t width = ceil_div(n, slices);
