@@ -82,10 +82,10 @@ def _misleading(n: int, where: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("where", ["off the sample, 1 in 16", "off the sample, 15 in 16", "on the sample only"])
 @pytest.mark.parametrize("frac", [0.001, 0.01, 0.02])
-def test_topk_ef_exact_when_the_sample_misleads(backend, where, frac):
-    # n >= 2^18 takes the sampled path; its sample decides only how much work
+@pytest.mark.parametrize("n", [20_011, 2**20 + 3])
+def test_topk_ef_exact_when_the_sample_misleads(backend, where, frac, n):
+    # n >= 2^14 takes the sampled path; its sample decides only how much work
     # is done, so every layout must still give the reference's answer.
-    n = 2**20 + 3
     x = _misleading(n, where)
     r = torch.randn(n, generator=torch.Generator().manual_seed(2)) * 1e-4
     check_topk(x, r, int(frac * n))
