@@ -41,7 +41,12 @@ SCHEMAS = {
     ),
 }
 
-for _name, _schema in SCHEMAS.items():
+# Host-side helpers: computed on the CPU whatever the payload's device (no Triton/CUDA kernel).
+HOST_SCHEMAS = {
+    "randk_positions": "randk_positions(Tensor round_keys, int k, int n) -> Tensor",
+}
+
+for _name, _schema in {**SCHEMAS, **HOST_SCHEMAS}.items():
     _lib.define(_schema)
     _lib.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
 
@@ -113,3 +118,8 @@ def _(x, residual, k, index_dtype):
 def _(x, residual, block, l2):
     m, n = x.shape
     return x.new_empty((m, (n + 7) // 8), dtype=torch.uint8), x.new_empty((m, _nblocks(n, block)), dtype=torch.float32)
+
+
+@torch.library.register_fake("fedcomp::randk_positions")
+def _(round_keys, k, n):
+    return round_keys.new_empty(k, dtype=torch.int64)

@@ -45,6 +45,7 @@ __all__ = [
     "qsgd",
     "qsgd_decode",
     "sparse_accumulate",
+    "randk_positions",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -327,3 +328,45 @@ def sparse_accumulate(out: Tensor, indices: Tensor, values: Tensor, alpha: float
     """``out[indices] += alpha * values`` (duplicates accumulate, in list order)."""
     check_indices(indices, out.numel())
     out.index_add_(0, indices.long(), (values.float() * alpha).to(out.dtype))
+
+
+# --------------------------------------------------------------------------
+# rand-k positions (the wire format's keyed permutation)
+# --------------------------------------------------------------------------
+_M31 = (1 << 31) - 1
+_M62 = (1 << 62) - 1
+
+
+def _feistel_round(r, key: int, mask: int):
+    # A mixing function on half-words (< 2**31); products stay below 2**62 (no wrap-around).
+    h = ((r ^ (key & _M31)) & _M31) * 0x5BD1E995 & _M62
+    h = h ^ (h >> 29)
+    h = (h & _M31) * 0x2C1B3C6D & _M62
+    return (h ^ (h >> 31)) & mask
+
+
+def randk_positions(round_keys: Tensor, k: int, n: int) -> Tensor:
+    """The ``k`` positions of a rand-k payload: ``[k]`` int64, ascending.
+
+    ``pi`` is a 4-round Feistel permutation of ``[0, 2**(2h))`` (``h`` = half the bits of
+    ``n``; ``round_keys``: ``[4]`` int64, each ``< 2**63``). The positions are the first
+    ``k`` values of ``pi(0), pi(1), ...`` that fall in ``[0, n)``, sorted.
+    """
+    keys = [int(v) for v in round_keys.tolist()]
+    half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+    mask = (1 << half) - 1
+    domain = 1 << (2 * half)
+    found, start, need = [], 0, k
+    while need > 0:
+        # enough counters that, on average, 1.25 * need of them land in [0, n)
+        count = min(domain - start, int(need * domain / n * 1.25) + 64)
+        v = torch.arange(start, start + count, dtype=torch.int64)
+        left, right = v >> half, v & mask
+        for key in keys:
+            left, right = right, left ^ _feistel_round(right, key, mask)
+        v = (left << half) | right
+        v = v[v < n][:need]
+        found.append(v)
+        need -= v.numel()
+        start += count
+    return torch.cat(found).sort().values if found else torch.zeros(0, dtype=torch.int64)

@@ -52,11 +52,10 @@ import sys
 import zlib
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _backend, ops
 from .reference import qsgd_bits
 
 __all__ = ["Payload", "FORMAT_VERSION", "MAGIC", "HEADER_BYTES", "index_dtype_for", "randk_indices", "wire_nbytes"]
@@ -92,8 +91,6 @@ def index_dtype_for(numel: int) -> torch.dtype:
 # --------------------------------------------------------------------------
 # RandK positions: a keyed pseudorandom permutation of [0, n)
 # --------------------------------------------------------------------------
-_M31 = (1 << 31) - 1
-_M62 = (1 << 62) - 1
 _M64 = (1 << 64) - 1
 
 
@@ -105,14 +102,6 @@ def splitmix64(seed: int, counter: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def _round(r: np.ndarray, key: int, mask: int) -> np.ndarray:
-    # A mixing function on half-words (< 2**31); products stay below 2**62 (no wrap-around).
-    h = ((r ^ np.int64(key & _M31)) & _M31) * 0x5BD1E995 & _M62
-    h = h ^ (h >> 29)
-    h = (h & _M31) * 0x2C1B3C6D & _M62
-    return (h ^ (h >> 31)) & mask
-
-
 def randk_indices(seed: int, k: int, n: int, device: torch.device | str = "cpu") -> Tensor:
     """``k`` distinct positions in ``[0, n)``, sorted ascending, determined by ``seed`` alone.
 
@@ -122,9 +111,10 @@ def randk_indices(seed: int, k: int, n: int, device: torch.device | str = "cpu")
     a permutation, it never repeats a position; sender and receiver compute the same
     positions on any device, in one vectorised pass.
 
-    The result is a pure function of ``(seed, k, n)``; for ``k <= 65536`` the last 64 results
-    are memoised, so a receiver in the sender's process (a simulation, a test) does not pay
-    the fixed cost of about 50 us twice.
+    The result is a pure function of ``(seed, k, n)``, computed on the CPU by
+    ``fedcomp::randk_positions`` (C++; a few microseconds for the trainer's sizes); for
+    ``k <= 65536`` the last 64 results are memoised, so a receiver in the sender's process
+    (a simulation, a test) reuses the sender's.
 
     Returns:
         ``[k]`` int64.
@@ -133,37 +123,21 @@ def randk_indices(seed: int, k: int, n: int, device: torch.device | str = "cpu")
         raise ValueError(f"k must be in [0, n={n}]; got {k}")
     if n >= 1 << 62:
         raise ValueError(f"n must be < 2**62; got {n}")
-    out = np.array(_randk_positions_cached(seed, k, n)) if k <= 65536 else _randk_positions(seed, k, n)
-    return torch.from_numpy(out).to(device)  # a copy of the memoised array: callers may write to it
+    out = _randk_positions_cached(seed, k, n).clone() if k <= 65536 else _randk_positions(seed, k, n)
+    return out.to(device)  # the memoised tensor is cloned: callers may write to it
 
 
 @functools.lru_cache(maxsize=64)
-def _randk_positions_cached(seed: int, k: int, n: int) -> np.ndarray:
-    out = _randk_positions(seed, k, n)
-    out.flags.writeable = False
-    return out
+def _randk_positions_cached(seed: int, k: int, n: int) -> Tensor:
+    return _randk_positions(seed, k, n)
 
 
-def _randk_positions(seed: int, k: int, n: int) -> np.ndarray:
-    """The positions of :func:`randk_indices` as a numpy int64 array (arguments already checked)."""
-    half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
-    mask = (1 << half) - 1
-    keys = [splitmix64(seed, r) for r in range(4)]
-    domain = 1 << (2 * half)
-    found, start, need = [], 0, k
-    while need > 0:
-        # enough counters that, on average, 1.25 * need of them land in [0, n)
-        count = min(domain - start, int(need * domain / n * 1.25) + 64)
-        v = np.arange(start, start + count, dtype=np.int64)
-        left, right = v >> half, v & mask
-        for key in keys:
-            left, right = right, left ^ _round(right, key, mask)
-        v = (left << half) | right
-        v = v[v < n][:need]
-        found.append(v)
-        need -= len(v)
-        start += count
-    return np.sort(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+def _randk_positions(seed: int, k: int, n: int) -> Tensor:
+    """The positions of :func:`randk_indices` on the CPU (arguments already checked):
+    ``fedcomp::randk_positions`` (the C++ kernel when built, else the reference)."""
+    _backend.backend_for("cpu")  # loads the C++ kernels when they can be built
+    keys = torch.tensor([splitmix64(seed, r) for r in range(4)], dtype=torch.int64)
+    return torch.ops.fedcomp.randk_positions(keys, k, n)
 
 
 # --------------------------------------------------------------------------

@@ -112,6 +112,7 @@ def _opcheck_samples():
             "qsgd_accumulate",
             (torch.randn(1000), torch.randint(0, 255, (500,), dtype=torch.uint8), torch.rand(8), 4, 128, 0.3),
         ),
+        ("randk_positions", (torch.tensor([1, 2, 3, 4]), 10, 1000)),
     ]
 
 

@@ -10,7 +10,7 @@ from _support import DTYPES, assert_same, make_input
 
 import fedcomp
 from fedcomp import reference
-from fedcomp.wire import randk_indices
+from fedcomp.wire import randk_indices, splitmix64
 
 
 def compressors():
@@ -244,6 +244,29 @@ def test_randk_positions_are_distinct_sorted_and_deterministic(n):
             assert int(idx.min()) >= 0 and int(idx.max()) < n
             assert bool((idx[1:] > idx[:-1]).all())
         assert torch.equal(idx, randk_indices(12345, k, n))
+
+
+def test_randk_positions_are_pinned_by_the_wire_format():
+    # A receiver built from another version must regenerate the sender's positions:
+    # these values come from the first (numpy) implementation of the permutation.
+    assert randk_indices(12345, 8, 1000).tolist() == [167, 173, 305, 461, 652, 720, 797, 838]
+    assert randk_indices(2**62 + 7, 6, 26122).tolist() == [453, 3720, 6855, 9504, 10667, 14532]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 100, 26_122, 65_536, 65_537, 10**6 + 3])
+def test_randk_positions_kernel_matches_reference(backend, n):
+    keys = torch.tensor([splitmix64(77 + n, r) for r in range(4)])
+    for k in sorted({0, 1, n // 100, n // 3, n}):
+        if n > 10**5 and k > n // 100:
+            continue  # the reference walks the permutation in Python-sized steps
+        assert_same(torch.ops.fedcomp.randk_positions(keys, k, n), reference.randk_positions(keys, k, n), "positions")
+
+
+def test_randk_positions_kernel_rejects_bad_arguments(backend):
+    keys = torch.zeros(4, dtype=torch.int64)
+    for args in ((keys[:3], 1, 10), (keys.int(), 1, 10), (keys, 11, 10), (keys, -1, 10), (keys, 1, 2**62)):
+        with pytest.raises(RuntimeError, match="round_keys must be"):
+            torch.ops.fedcomp.randk_positions(*args)
 
 
 def test_randk_positions_look_uniform():

@@ -977,9 +977,49 @@ void sparse_accumulate_cpu(const Tensor& out, const Tensor& indices, const Tenso
   });
 }
 
+// ===========================================================================
+// randk_positions: the first k values of a 4-round Feistel permutation of
+// [0, 2^(2h)) (h = half the bits of n) that fall in [0, n), sorted; the same
+// integer arithmetic as fedcomp/reference.py (products stay below 2^62).
+// ===========================================================================
+inline uint64_t feistel_round(uint64_t r, uint64_t key, uint64_t mask) {
+  constexpr uint64_t kM31 = (uint64_t{1} << 31) - 1, kM62 = (uint64_t{1} << 62) - 1;
+  uint64_t h = (((r ^ (key & kM31)) & kM31) * 0x5BD1E995u) & kM62;
+  h ^= h >> 29;
+  h = ((h & kM31) * 0x2C1B3C6Du) & kM62;
+  return (h ^ (h >> 31)) & mask;
+}
+
+Tensor randk_positions_cpu(const Tensor& round_keys, int64_t k, int64_t n) {
+  TORCH_CHECK(round_keys.dim() == 1 && round_keys.numel() == 4 && round_keys.scalar_type() == at::kLong &&
+                  k >= 0 && k <= n && n < (int64_t{1} << 62),
+              "fedcomp::randk_positions: round_keys must be [4] int64 and 0 <= k <= n < 2^62");
+  const Tensor keys = round_keys.contiguous();
+  const int64_t* key = keys.const_data_ptr<int64_t>();
+  const uint64_t top = static_cast<uint64_t>(std::max<int64_t>(n - 1, 1));
+  const int half = std::max(1, (64 - __builtin_clzll(top) + 1) / 2);
+  const uint64_t mask = (uint64_t{1} << half) - 1;
+  Tensor out = at::empty({k}, keys.options());
+  int64_t* o = out.data_ptr<int64_t>();
+  int64_t found = 0;
+  for (uint64_t v = 0; found < k; ++v) {  // a permutation of [0, 2^(2h)) covers [0, n): this ends
+    uint64_t left = v >> half, right = v & mask;
+    for (int r = 0; r < 4; ++r) {
+      const uint64_t next = left ^ feistel_round(right, static_cast<uint64_t>(key[r]), mask);
+      left = right;
+      right = next;
+    }
+    const uint64_t w = (left << half) | right;
+    if (w < static_cast<uint64_t>(n)) o[found++] = static_cast<int64_t>(w);
+  }
+  std::sort(o, o + k);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fedcomp, CPU, m) {
+  m.impl("randk_positions", &randk_positions_cpu);
   m.impl("topk_ef", &topk_ef_cpu);
   m.impl("topk_threshold_ef", &topk_threshold_ef_cpu);
   m.impl("sign_ef", &sign_ef_cpu);
