@@ -390,9 +390,9 @@ class ErrorFeedback(_Stateful):
         """Compress ``m`` clients' updates at once: ``x`` is ``[m, n]``, ``keys`` ``m`` distinct keys.
 
         For rows shorter than 2^18 entries, top-k (global) and sign run as one batched op over
-        the stack (one parallel region on the CPU; see :func:`fedcomp.topk_ef`); otherwise, and
-        for other compressors, row by row. Either way the payloads and residuals equal
-        ``[compress(x[i], keys[i]) for i in range(m)]`` to the bit.
+        the stack of residuals (one parallel region on the CPU; see :func:`fedcomp.topk_ef`);
+        otherwise, and for other compressors, row by row on each key's own residual. Either way
+        the payloads and residuals equal ``[compress(x[i], keys[i]) for i in range(m)]`` to the bit.
         """
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] < 1:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -402,8 +402,11 @@ class ErrorFeedback(_Stateful):
             raise ValueError(f"keys must be {x.shape[0]} distinct keys, one per row of x; got {keys!r}")
         x = x.detach().contiguous()
         rows = [self._slot(self.residuals, k, x.shape[1], x.device, x.dtype) for k in keys]
-        if x.shape[1] >= _ROWS_BATCH_BELOW:  # large rows: the per-call cost is nothing next to the
-            return [self.compressor._encode(x[i], rows[i]) for i in range(len(rows))]  # stack's copies
+        # Row by row when the compressor has no batched op (a stack would only add two copies), or
+        # for large rows (the per-call cost is nothing next to the stack's copies).
+        batched = type(self.compressor)._encode_rows is not Compressor._encode_rows
+        if not batched or x.shape[1] >= _ROWS_BATCH_BELOW:
+            return [self.compressor._encode(x[i], rows[i]) for i in range(len(rows))]
         stack = torch.stack(rows)  # residuals live per key: gathered into one stack, written back
         payloads = self.compressor._encode_rows(x, stack)
         for row, updated in zip(rows, stack):
