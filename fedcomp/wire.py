@@ -109,7 +109,7 @@ def randk_indices(seed: int, k: int, n: int, device: torch.device | str = "cpu")
     of ``n``, round keys ``splitmix64(seed, r)``). The positions are the first ``k`` values of
     ``pi(0), pi(1), ...`` that fall in ``[0, n)`` (at least a quarter of them do). Being
     a permutation, it never repeats a position; sender and receiver compute the same
-    positions on any device, in one vectorised pass.
+    positions whatever the payload's device.
 
     The result is a pure function of ``(seed, k, n)``, computed on the CPU by
     ``fedcomp::randk_positions`` (C++; a few microseconds for the trainer's sizes); for

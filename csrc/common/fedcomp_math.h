@@ -64,20 +64,30 @@ FEDCOMP_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
-FEDCOMP_HD Philox4 philox4x32_10(uint64_t seed, uint64_t counter) {
-  const uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
+// One Philox4x32 round of the counter (c0, c1, c2, c3) under the round key
+// (k0, k1), and the key schedule between rounds. Shared by philox4x32_10 and
+// the CPU's 8-counter version (philox_uniform_lanes).
+FEDCOMP_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
   const uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
+  const uint32_t p0 = c0, p2 = c2;
+  c0 = mulhi32(kRoundB, p2) ^ c1 ^ k0;
+  c2 = mulhi32(kRoundA, p0) ^ c3 ^ k1;
+  c1 = kRoundB * p2;
+  c3 = kRoundA * p0;
+}
+
+FEDCOMP_HD void philox_next_key(uint32_t& k0, uint32_t& k1) {
+  k0 += 0x9E3779B9u;
+  k1 += 0xBB67AE85u;
+}
+
+FEDCOMP_HD Philox4 philox4x32_10(uint64_t seed, uint64_t counter) {
   uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
   uint32_t c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
-    const uint32_t p0 = c0, p2 = c2;
-    c0 = mulhi32(kRoundB, p2) ^ c1 ^ k0;
-    c2 = mulhi32(kRoundA, p0) ^ c3 ^ k1;
-    c1 = kRoundB * p2;
-    c3 = kRoundA * p0;
-    k0 += kKeyA;
-    k1 += kKeyB;
+    philox_round(c0, c1, c2, c3, k0, k1);
+    philox_next_key(k0, k1);
   }
   return Philox4{{c0, c1, c2, c3}};
 }

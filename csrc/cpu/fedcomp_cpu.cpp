@@ -475,17 +475,15 @@ struct SignPolicy {
 };
 
 // QSGD's uniforms for counters [c, c + 8 * groups): u[4 * t + j] = word j of
-// Philox(seed, c + t), as uniform24_word. The same rounds as philox4x32_10,
-// written over 8 counters side by side so that the 32x32 -> 64 multiplies
-// vectorise; on x86-64 an AVX2 clone is picked at load time where the CPU
-// has it (3.7x faster than one counter at a time on the development machine).
-// Integer arithmetic only: every clone gives the same bits.
+// Philox(seed, c + t), as uniform24_word. philox4x32_10's rounds
+// (philox_round), applied to 8 counters side by side so that the 32x32 -> 64
+// multiplies vectorise; on x86-64 an AVX2 clone is picked at load time where
+// the CPU has it (3.7x faster than one counter at a time on the development
+// machine). Integer arithmetic only: every clone gives the same bits.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
 void philox_uniform_lanes(uint64_t seed, uint64_t c, int64_t groups, float* u) {
-  constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
-  constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
   for (int64_t g = 0; g < groups; ++g) {
     uint32_t c0[8], c1[8], c2[8], c3[8];
     for (int l = 0; l < 8; ++l) {
@@ -497,15 +495,8 @@ void philox_uniform_lanes(uint64_t seed, uint64_t c, int64_t groups, float* u) {
     }
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
     for (int round = 0; round < 10; ++round) {
-      for (int l = 0; l < 8; ++l) {
-        const uint32_t p0 = c0[l], p2 = c2[l];
-        c0[l] = static_cast<uint32_t>((static_cast<uint64_t>(kRoundB) * p2) >> 32) ^ c1[l] ^ k0;
-        c2[l] = static_cast<uint32_t>((static_cast<uint64_t>(kRoundA) * p0) >> 32) ^ c3[l] ^ k1;
-        c1[l] = kRoundB * p2;
-        c3[l] = kRoundA * p0;
-      }
-      k0 += kKeyA;
-      k1 += kKeyB;
+      for (int l = 0; l < 8; ++l) philox_round(c0[l], c1[l], c2[l], c3[l], k0, k1);
+      philox_next_key(k0, k1);
     }
     float* o = u + 32 * g;
     for (int l = 0; l < 8; ++l) {
@@ -931,9 +922,7 @@ void sparse_accumulate_impl(float* out, int64_t n, const index_t* idx, const val
                       n, "), got ", static_cast<int64_t>(idx[j]), " at position ", j);
     ascending &= j == 0 || idx[j - 1] <= idx[j];
   }
-  auto apply = [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) out[idx[j]] = out[idx[j]] + alpha * to_f(val[j]);
-  };
+  auto add = [&](int64_t j) { out[idx[j]] = out[idx[j]] + alpha * to_f(val[j]); };
   if (ascending) {
     const int64_t parts = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, m >> 12));
     std::vector<int64_t> cut(parts + 1, m);
@@ -944,7 +933,8 @@ void sparse_accumulate_impl(float* out, int64_t n, const index_t* idx, const val
       cut[p] = j;
     }
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) apply(cut[p], cut[p + 1]);
+      for (int64_t p = p0; p < p1; ++p)
+        for (int64_t j = cut[p]; j < cut[p + 1]; ++j) add(j);
     });
     return;
   }
@@ -954,10 +944,8 @@ void sparse_accumulate_impl(float* out, int64_t n, const index_t* idx, const val
   at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t lo = s * width, hi = lo + width;
-      for (int64_t j = 0; j < m; ++j) {
-        const int64_t i = idx[j];
-        if (i >= lo && i < hi) out[i] = out[i] + alpha * to_f(val[j]);
-      }
+      for (int64_t j = 0; j < m; ++j)
+        if (idx[j] >= lo && idx[j] < hi) add(j);
     }
   });
 }
