@@ -28,8 +28,13 @@ SCHEMAS = {
         "int seed) -> (Tensor, Tensor, Tensor)"
     ),
     "sign_ef": "sign_ef(Tensor x, Tensor(a!)? residual, int block, bool l2) -> (Tensor, Tensor)",
-    "topk_ef_rows": "topk_ef_rows(Tensor x, Tensor(a!)? residual, int k, ScalarType index_dtype) -> (Tensor, Tensor)",
-    "sign_ef_rows": "sign_ef_rows(Tensor x, Tensor(a!)? residual, int block, bool l2) -> (Tensor, Tensor)",
+    "topk_ef_rows": (
+        "topk_ef_rows(Tensor x, Tensor(a!)? residual, int k, ScalarType index_dtype, int[]? rows=None) "
+        "-> (Tensor, Tensor)"
+    ),
+    "sign_ef_rows": (
+        "sign_ef_rows(Tensor x, Tensor(a!)? residual, int block, bool l2, int[]? rows=None) -> (Tensor, Tensor)"
+    ),
     "sign_decode": "sign_decode(Tensor packed, Tensor scales, int numel, int block) -> Tensor",
     "sign_majority": "sign_majority(Tensor packed_stack) -> Tensor",
     "qsgd": "qsgd(Tensor x, Tensor(a!)? residual, int levels, int bucket, int seed) -> (Tensor, Tensor)",
@@ -109,13 +114,13 @@ def _(out, packed, norms, levels, bucket, alpha):
 
 
 @torch.library.register_fake("fedcomp::topk_ef_rows")
-def _(x, residual, k, index_dtype):
+def _(x, residual, k, index_dtype, rows=None):
     m = x.shape[0]
     return x.new_empty((m, k)), x.new_empty((m, k), dtype=index_dtype)
 
 
 @torch.library.register_fake("fedcomp::sign_ef_rows")
-def _(x, residual, block, l2):
+def _(x, residual, block, l2, rows=None):
     m, n = x.shape
     return x.new_empty((m, (n + 7) // 8), dtype=torch.uint8), x.new_empty((m, _nblocks(n, block)), dtype=torch.float32)
 

@@ -69,10 +69,10 @@ class Compressor:
     def _encode(self, x: Tensor, residual: Tensor | None) -> Payload:
         raise NotImplementedError
 
-    def _encode_rows(self, x: Tensor, residual: Tensor) -> list[Payload]:
-        """``_encode`` of each row of ``x [m, n]`` with its row of ``residual [m, n]`` (updated in
-        place); compressors with a batched op override it with one call."""
-        return [self._encode(x[i], residual[i]) for i in range(x.shape[0])]
+    def _encode_rows(self, x: Tensor, residual: Tensor, rows: list[int]) -> list[Payload]:
+        """``_encode`` of each row ``i`` of ``x [m, n]`` with row ``rows[i]`` of ``residual [K, n]``
+        (updated in place); compressors with a batched op override it with one call."""
+        return [self._encode(x[i], residual[j]) for i, j in enumerate(rows)]
 
     def _params(self, numel: int) -> dict:
         raise NotImplementedError
@@ -146,11 +146,11 @@ class TopK(Compressor):
     def _params(self, numel: int) -> dict:
         return {"k": self.k_for(numel)}
 
-    def _encode_rows(self, x, residual):
+    def _encode_rows(self, x, residual, rows):
         if self.segments is not None:
-            return super()._encode_rows(x, residual)
+            return super()._encode_rows(x, residual, rows)
         n = x.shape[1]
-        values, indices = ops.topk_ef(x, residual, _count(self.ratio, n), index_dtype=index_dtype_for(n))
+        values, indices = ops.topk_ef(x, residual, _count(self.ratio, n), index_dtype=index_dtype_for(n), rows=rows)
         return [Payload("topk", x.dtype, n, {"k": v.numel()}, (v, i)) for v, i in zip(values, indices)]
 
     def _encode(self, x, residual):
@@ -255,9 +255,9 @@ class Sign(Compressor):
         packed, scales = ops.sign_ef(x, residual, params["block"], self.scale)
         return Payload("sign", x.dtype, x.numel(), params, (packed, scales))
 
-    def _encode_rows(self, x, residual):
+    def _encode_rows(self, x, residual, rows):
         params = self._params(x.shape[1])
-        packed, scales = ops.sign_ef(x, residual, params["block"], self.scale)
+        packed, scales = ops.sign_ef(x, residual, params["block"], self.scale, rows=rows)
         return [Payload("sign", x.dtype, x.shape[1], params, (p, s)) for p, s in zip(packed, scales)]
 
     def __repr__(self) -> str:
@@ -364,10 +364,10 @@ class _Stateful:
         self.compressor.load_state_dict(state.get("compressor", {}))
 
 
-# compress_many batches rows shorter than this: there the fixed cost per call (Python, dispatch,
-# thread wake-up) outweighs gathering the residual rows into a stack and writing them back; for
-# longer rows the copies cost more than the calls they save (measured: 10 x 10^7 top-k, 253 ms
-# per call against 423 ms batched; 5 x 26k in the trainer, 3.7 % of a round -> 2.4 %).
+# Residuals of rows shorter than this live as rows of shared [capacity, n] buffers, so that
+# compress_many runs one batched op over many keys' residuals in place (no gather, no write-back).
+# Longer residuals get a tensor each and compress_many goes row by row: there one call's fixed cost
+# (Python, dispatch, thread wake-up) is nothing next to the row's own work.
 _ROWS_BATCH_BELOW = 1 << 18
 
 
@@ -377,22 +377,66 @@ class ErrorFeedback(_Stateful):
     The residual ``e`` of each ``key`` lives in ``x``'s dtype and is updated in place by
     the fused op (one pass; no dense temporary). Over any number of calls,
     ``sum(decoded) + e_final == sum(x)`` (exactly for top-k in fp32).
+
+    Residuals of fewer than 2^18 entries are rows of shared buffers (one set per size, dtype
+    and device, grown by half their rows when full and never moved), so that
+    :meth:`compress_many` updates many keys' residuals with one batched op.
     """
 
     _slots = ("residuals",)
 
+    def __init__(self, compressor: Compressor):
+        super().__init__(compressor)
+        self._pools: dict[tuple, list[Tensor]] = {}  # (n, dtype, device) -> its [capacity, n] buffers
+        self._free: dict[tuple, list[tuple[Tensor, int]]] = {}  # (n, dtype, device) -> unused rows
+        self._home: dict[str, tuple[Tensor, int]] = {}  # key -> (buffer, row) of its residual
+
+    def _residual(self, key, x: Tensor) -> Tensor:
+        """The residual of ``key`` for updates like ``x`` (``[n]``, or a row of ``[m, n]``):
+        zeros at a key's first call, from a shared buffer's free row when ``n < 2^18``."""
+        n = x.shape[-1]
+        key = _check_key(key)
+        if key in self.residuals or n >= _ROWS_BATCH_BELOW:
+            return self._slot(self.residuals, key, n, x.device, x.dtype)
+        pool = (n, x.dtype, x.device)
+        free = self._free.setdefault(pool, [])
+        if not free:
+            buffers = self._pools.setdefault(pool, [])
+            capacity = max(8, sum(b.shape[0] for b in buffers) // 2)
+            buffers.append(torch.zeros(capacity, n, dtype=x.dtype, device=x.device))
+            free.extend((buffers[-1], j) for j in reversed(range(capacity)))
+        buffer, row = self._home[key] = free.pop()
+        self.residuals[key] = buffer[row].zero_()
+        return self.residuals[key]
+
+    def reset(self, key: str | None = None) -> None:
+        if key is None:
+            self._pools.clear()
+            self._free.clear()
+            self._home.clear()
+        elif key in self._home:
+            buffer, row = self._home.pop(key)
+            self._free[(buffer.shape[1], buffer.dtype, buffer.device)].append((buffer, row))
+        super().reset(key)
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        loaded = dict(self.residuals)
+        self.reset()
+        for key, value in loaded.items():
+            self._residual(key, value).copy_(value)
+
     def compress(self, x: Tensor, key: str = "default") -> Payload:
         x = _flat_input(x)
-        residual = self._slot(self.residuals, key, x.numel(), x.device, x.dtype)
-        return self.compressor._encode(x, residual)
+        return self.compressor._encode(x, self._residual(key, x))
 
     def compress_many(self, x: Tensor, keys) -> list[Payload]:
         """Compress ``m`` clients' updates at once: ``x`` is ``[m, n]``, ``keys`` ``m`` distinct keys.
 
-        For rows shorter than 2^18 entries, top-k (global) and sign run as one batched op over
-        the stack of residuals (one parallel region on the CPU; see :func:`fedcomp.topk_ef`);
-        otherwise, and for other compressors, row by row on each key's own residual. Either way
-        the payloads and residuals equal ``[compress(x[i], keys[i]) for i in range(m)]`` to the bit.
+        For rows shorter than 2^18 entries, top-k (global) and sign run as one batched op on the
+        keys' residuals in place (one parallel region on the CPU; see :func:`fedcomp.topk_ef`);
+        otherwise, and for other compressors, row by row. Either way the payloads and residuals
+        equal ``[compress(x[i], keys[i]) for i in range(m)]`` to the bit.
         """
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] < 1:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -401,16 +445,20 @@ class ErrorFeedback(_Stateful):
         if len(keys) != x.shape[0] or len(set(keys)) != len(keys):
             raise ValueError(f"keys must be {x.shape[0]} distinct keys, one per row of x; got {keys!r}")
         x = x.detach().contiguous()
-        rows = [self._slot(self.residuals, k, x.shape[1], x.device, x.dtype) for k in keys]
-        # Row by row when the compressor has no batched op (a stack would only add two copies), or
-        # for large rows (the per-call cost is nothing next to the stack's copies).
-        batched = type(self.compressor)._encode_rows is not Compressor._encode_rows
-        if not batched or x.shape[1] >= _ROWS_BATCH_BELOW:
-            return [self.compressor._encode(x[i], rows[i]) for i in range(len(rows))]
-        stack = torch.stack(rows)  # residuals live per key: gathered into one stack, written back
-        payloads = self.compressor._encode_rows(x, stack)
-        for row, updated in zip(rows, stack):
-            row.copy_(updated)
+        residuals = [self._residual(k, x) for k in keys]
+        if type(self.compressor)._encode_rows is Compressor._encode_rows or x.shape[1] >= _ROWS_BATCH_BELOW:
+            return [self.compressor._encode(x[i], r) for i, r in enumerate(residuals)]
+        groups: dict[int, tuple[Tensor, list[int], list[int]]] = {}  # one batched call per buffer
+        for i, k in enumerate(keys):
+            buffer, row = self._home[k]
+            group = groups.setdefault(id(buffer), (buffer, [], []))
+            group[1].append(i)
+            group[2].append(row)
+        payloads: list = [None] * len(keys)
+        for buffer, idx, rows in groups.values():
+            part = x if len(idx) == len(keys) else x[idx]
+            for i, p in zip(idx, self.compressor._encode_rows(part, buffer, rows)):
+                payloads[i] = p
         return payloads
 
     def residual(self, key: str = "default") -> Tensor | None:

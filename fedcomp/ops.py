@@ -68,14 +68,28 @@ def _check_tensor(name: str, t, dtypes, dim: int = 1) -> None:
         raise ValueError(f"{name} must be contiguous; call .contiguous() first")
 
 
-def _check_residual(residual, x: Tensor) -> None:
+def _check_residual(residual, x: Tensor, rows=None) -> None:
+    """``rows``: row ``i`` of ``x`` ``[m, n]`` uses row ``rows[i]`` of a ``[K, n]`` residual."""
+    if rows is not None:
+        if residual is None or x.dim() != 2:
+            raise ValueError("rows needs x of shape [m, n] and a residual of shape [K, n]")
+        if isinstance(rows, (str, bytes, Tensor)) or not hasattr(rows, "__len__"):
+            raise TypeError(f"rows must be a list of ints; got {type(rows).__name__}")
+        rows = [_check_int("rows entry", j, 0) for j in rows]
     if residual is None:
         return
     if not isinstance(residual, Tensor):
         raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
     if residual.dtype != x.dtype:
         raise TypeError(f"residual must have the dtype of x ({x.dtype}); got {residual.dtype}")
-    if residual.shape != x.shape:
+    if rows is not None:
+        if residual.dim() != 2 or residual.shape[1] != x.shape[1]:
+            raise ValueError(f"residual must be [K, {x.shape[1]}] with rows; got {tuple(residual.shape)}")
+        if len(rows) != x.shape[0] or len(set(rows)) != len(rows) or max(rows) >= residual.shape[0]:
+            raise ValueError(
+                f"rows must be {x.shape[0]} distinct ints in [0, {residual.shape[0]}), one per row of x; got {rows}"
+            )
+    elif residual.shape != x.shape:
         raise ValueError(f"residual must have the shape of x {tuple(x.shape)}; got {tuple(residual.shape)}")
     if residual.device != x.device:
         raise ValueError(f"residual must be on the device of x ({x.device}); got {residual.device}")
@@ -85,13 +99,17 @@ def _check_residual(residual, x: Tensor) -> None:
         raise ValueError("residual must not share memory with x")
 
 
+def _int_list(rows) -> list[int] | None:
+    return None if rows is None else [int(j) for j in rows]
+
+
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
     value = int(value)
     if value < lo or (hi is not None and value > hi):
-        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be in {bound}; got {value}")
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be {bound}; got {value}")
     return value
 
 
@@ -110,8 +128,9 @@ def _seed(seed, generator) -> int:
     return int(torch.randint(0, 1 << 62, (1,), generator=generator).item())
 
 
-def _input(x, residual, *, rows: bool = False) -> Tensor:
-    """``rows``: ``x`` may also be a ``[m >= 1, n]`` stack (one client per row)."""
+def _input(x, residual, *, rows: bool = False, residual_rows=None) -> Tensor:
+    """``rows``: ``x`` may also be a ``[m >= 1, n]`` stack (one client per row);
+    ``residual_rows``: see :func:`_check_residual`."""
     if rows and isinstance(x, Tensor) and x.dim() == 2:
         _check_tensor("x", x, FLOAT_DTYPES, dim=2)
         if x.shape[0] < 1:
@@ -120,7 +139,7 @@ def _input(x, residual, *, rows: bool = False) -> Tensor:
         if rows and isinstance(x, Tensor) and x.dim() != 1:
             raise ValueError(f"x must be 1-D, or 2-D [clients, n]; got shape {tuple(x.shape)}")
         _check_tensor("x", x, FLOAT_DTYPES)
-    _check_residual(residual, x)
+    _check_residual(residual, x, residual_rows)
     _backend.backend_for(x.device.type)
     return x.detach()
 
@@ -129,7 +148,7 @@ def _input(x, residual, *, rows: bool = False) -> Tensor:
 # top-k
 # --------------------------------------------------------------------------
 def topk_ef(
-    x: Tensor, residual: Tensor | None, k: int, *, index_dtype: torch.dtype = torch.int64
+    x: Tensor, residual: Tensor | None, k: int, *, index_dtype: torch.dtype = torch.int64, rows=None
 ) -> tuple[Tensor, Tensor]:
     """Exact top-k by magnitude with error feedback.
 
@@ -144,18 +163,23 @@ def topk_ef(
             ``None``; set in place to ``a`` with the picked entries zeroed.
         k: number of entries to keep per row, ``0 <= k <= n``.
         index_dtype: ``torch.int64`` (default) or ``torch.int32``.
+        rows: with a stack, optionally ``m`` distinct ints: row ``i`` of ``x`` then uses row
+            ``rows[i]`` of a ``[K, n]`` residual (many clients' residuals kept in one buffer,
+            updated in place with no gather or write-back copy).
 
     Returns:
         ``(values [k] x.dtype, indices [k] index_dtype)`` (``[m, k]`` each for a stack),
         indices sorted ascending, ``values = a[indices]``.
     """
-    x = _input(x, residual, rows=True)
+    x = _input(x, residual, rows=True, residual_rows=rows)
     k = _check_int("k", k, 0, x.shape[-1])
     if index_dtype not in INDEX_DTYPES:
         raise TypeError(f"index_dtype must be {_names(INDEX_DTYPES)}; got {index_dtype}")
     if index_dtype == torch.int32 and x.shape[-1] > 2**31 - 1:
         raise ValueError(f"index_dtype=int32 cannot index {x.shape[-1]} entries; use int64")
-    return (_ops.topk_ef_rows if x.dim() == 2 else _ops.topk_ef)(x, residual, k, index_dtype)
+    if x.dim() == 2:
+        return _ops.topk_ef_rows(x, residual, k, index_dtype, _int_list(rows))
+    return _ops.topk_ef(x, residual, k, index_dtype)
 
 
 def topk_threshold_ef(
@@ -197,7 +221,9 @@ def topk_threshold_ef(
 # --------------------------------------------------------------------------
 # sign
 # --------------------------------------------------------------------------
-def sign_ef(x: Tensor, residual: Tensor | None, block: int | None = None, scale: str = "mean") -> tuple[Tensor, Tensor]:
+def sign_ef(
+    x: Tensor, residual: Tensor | None, block: int | None = None, scale: str = "mean", *, rows=None
+) -> tuple[Tensor, Tensor]:
     """1-bit sign quantization with per-block scales and error feedback.
 
     ``a = x + residual`` (fp32). Per block of ``block`` contiguous entries (the last
@@ -205,18 +231,21 @@ def sign_ef(x: Tensor, residual: Tensor | None, block: int | None = None, scale:
     ``||a_b||_2 / sqrt(n_b)``). Bit ``i`` is ``a_i >= 0``, stored as bit ``i % 8`` of
     byte ``i // 8``. ``residual <- a - scale_b * (+1 | -1)``.
 
-    ``x`` may be an ``[m, n]`` stack of ``m`` clients' updates (with an ``[m, n]`` residual):
-    each row gets exactly the 1-D op, in one call.
+    ``x`` may be an ``[m, n]`` stack of ``m`` clients' updates (with an ``[m, n]`` residual,
+    or a ``[K, n]`` residual and ``rows``, as in :func:`topk_ef`): each row gets exactly the
+    1-D op, in one call.
 
     Returns:
         ``(packed [ceil(n/8)] uint8, scales [ceil(n/block)] float32)``; for a stack
         ``[m, ceil(n/8)]`` and ``[m, ceil(n/block)]``.
     """
-    x = _input(x, residual, rows=True)
+    x = _input(x, residual, rows=True, residual_rows=rows)
     block = _block(block, x.shape[-1])
     if scale not in ("mean", "l2"):
         raise ValueError(f"scale must be 'mean' or 'l2'; got {scale!r}")
-    return (_ops.sign_ef_rows if x.dim() == 2 else _ops.sign_ef)(x, residual, block, scale == "l2")
+    if x.dim() == 2:
+        return _ops.sign_ef_rows(x, residual, block, scale == "l2", _int_list(rows))
+    return _ops.sign_ef(x, residual, block, scale == "l2")
 
 
 def _check_stream(packed, scales, numel, block, width: int, scales_name: str) -> tuple[int, int]:

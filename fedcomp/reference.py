@@ -212,21 +212,25 @@ def sign_ef(x: Tensor, residual: Tensor | None, block: int, l2: bool):
     return pack_codes(bits, 1), scales
 
 
-def apply_rows(op, x: Tensor, residual: Tensor | None, *args):
+def apply_rows(op, x: Tensor, residual: Tensor | None, *args, rows=None):
     """Apply a 1-D op to each row of ``x`` ``[m, n]`` (with its residual row, a view updated in
-    place) and stack each output: the batched ops' semantics, row by row."""
-    outs = [op(x[i], None if residual is None else residual[i], *args) for i in range(x.shape[0])]
+    place: row ``i``, or row ``rows[i]`` of a ``[K, n]`` residual) and stack each output: the
+    batched ops' semantics, row by row."""
+    rows = range(x.shape[0]) if rows is None else rows
+    outs = [op(x[i], None if residual is None else residual[j], *args) for i, j in enumerate(rows)]
     return tuple(torch.stack(parts) for parts in zip(*outs))
 
 
-def topk_ef_rows(x: Tensor, residual: Tensor | None, k: int, index_dtype: torch.dtype = torch.int64):
+def topk_ef_rows(
+    x: Tensor, residual: Tensor | None, k: int, index_dtype: torch.dtype = torch.int64, rows=None
+):
     """:func:`topk_ef` on each row of ``x [m, n]``: ``(values [m, k], indices [m, k])``."""
-    return apply_rows(topk_ef, x, residual, k, index_dtype)
+    return apply_rows(topk_ef, x, residual, k, index_dtype, rows=rows)
 
 
-def sign_ef_rows(x: Tensor, residual: Tensor | None, block: int, l2: bool):
+def sign_ef_rows(x: Tensor, residual: Tensor | None, block: int, l2: bool, rows=None):
     """:func:`sign_ef` on each row of ``x [m, n]``: ``(packed [m, ceil(n/8)], scales [m, ceil(n/block)])``."""
-    return apply_rows(sign_ef, x, residual, block, l2)
+    return apply_rows(sign_ef, x, residual, block, l2, rows=rows)
 
 
 def sign_decode(packed: Tensor, scales: Tensor, numel: int, block: int) -> Tensor:

@@ -639,12 +639,12 @@ def topk_threshold_ef_triton(x: Tensor, residual: Tensor | None, k: int, capacit
 # many clients: one [m, n] stack, row by row through the kernels above (on a GPU: one launch
 # sequence per row, queued on one stream, no host synchronisation between rows)
 # --------------------------------------------------------------------------
-def topk_ef_rows_triton(x: Tensor, residual: Tensor | None, k: int, index_dtype: torch.dtype):
-    return apply_rows(topk_ef_triton, x, residual, k, index_dtype)
+def topk_ef_rows_triton(x: Tensor, residual: Tensor | None, k: int, index_dtype: torch.dtype, rows=None):
+    return apply_rows(topk_ef_triton, x, residual, k, index_dtype, rows=rows)
 
 
-def sign_ef_rows_triton(x: Tensor, residual: Tensor | None, block: int, l2: bool):
-    return apply_rows(sign_ef_triton, x, residual, block, l2)
+def sign_ef_rows_triton(x: Tensor, residual: Tensor | None, block: int, l2: bool, rows=None):
+    return apply_rows(sign_ef_triton, x, residual, block, l2, rows=rows)
 
 
 # --------------------------------------------------------------------------

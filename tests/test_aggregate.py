@@ -142,7 +142,7 @@ ACC_BAD = [
     (lambda: fedcomp.sign_accumulate(torch.zeros(8, device="meta"), torch.zeros(1, dtype=torch.uint8),
                                      torch.ones(1)), ValueError, "out must be on the device of the payload"),
     (lambda: fedcomp.sign_accumulate(torch.zeros(8), torch.zeros(1, dtype=torch.uint8), torch.ones(1), 0),
-     ValueError, "block must be in"),
+     ValueError, "block must be >= 1"),
     (lambda: fedcomp.sign_accumulate(torch.zeros(8), torch.zeros(1, dtype=torch.uint8), torch.ones(1),
                                      alpha=float("inf")), ValueError, "alpha must be finite"),
     (lambda: fedcomp.sign_accumulate(torch.zeros(2, 4), torch.zeros(1, dtype=torch.uint8), torch.ones(1)),

@@ -126,3 +126,91 @@ def test_rows_opcheck(backend):
     x, r = _stack(3, 1000, torch.float32)
     torch.library.opcheck(torch.ops.fedcomp.topk_ef_rows.default, (x, r.clone(), 10, torch.int64))
     torch.library.opcheck(torch.ops.fedcomp.sign_ef_rows.default, (x, r.clone(), 64, True))
+    slab = torch.randn(5, 1000)
+    torch.library.opcheck(torch.ops.fedcomp.topk_ef_rows.default, (x, slab.clone(), 10, torch.int32, [4, 0, 2]))
+    torch.library.opcheck(torch.ops.fedcomp.sign_ef_rows.default, (x, slab.clone(), 64, False, [1, 3, 0]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 7, 1023, 26_122])
+def test_rows_pick_residual_rows_of_a_shared_buffer(backend, n, dtype):
+    """``rows``: row i of x updates row rows[i] of a [K, n] residual in place, exactly as the
+    stack of those rows would be; rows not named are untouched."""
+    x, _ = _stack(3, n, dtype, seed=n + 5)
+    slab = torch.stack([make_input(n, dtype, seed=50 + j)[1] for j in range(6)])
+    rows = [4, 0, 2]
+    k = max(1, n // 10)
+    for op, args in ((fedcomp.topk_ef, (k,)), (fedcomp.sign_ef, (64,))):
+        got_slab, want_stack = slab.clone(), slab[rows].clone()
+        got = op(x, got_slab, *args, rows=rows)
+        want = op(x, want_stack, *args)
+        for a, b in zip(got, want):
+            assert_same(a, b, f"{op.__name__} output")
+        assert_same(got_slab[rows], want_stack, f"{op.__name__} named rows")
+        assert_same(got_slab[[1, 3, 5]], slab[[1, 3, 5]], f"{op.__name__} other rows")
+        ref_slab = slab.clone()
+        ref = getattr(reference, op.__name__ + "_rows")(x, ref_slab, *args, *(
+            (torch.int64,) if op is fedcomp.topk_ef else (False,)), rows=rows)
+        assert_same(ref_slab, got_slab, f"{op.__name__} residual vs reference")
+        assert_same(ref[0], got[0], f"{op.__name__} first output vs reference")
+
+
+@pytest.mark.parametrize(
+    "call, exc, text",
+    [
+        (lambda: fedcomp.topk_ef(torch.zeros(2, 5), torch.zeros(4, 5), 1, rows=[1, 1]), ValueError,
+         "rows must be 2 distinct ints in [0, 4)"),
+        (lambda: fedcomp.topk_ef(torch.zeros(2, 5), torch.zeros(4, 5), 1, rows=[0, 4]), ValueError,
+         "rows must be 2 distinct ints in [0, 4)"),
+        (lambda: fedcomp.sign_ef(torch.zeros(2, 5), torch.zeros(4, 5), 4, rows=[0]), ValueError,
+         "rows must be 2 distinct ints"),
+        (lambda: fedcomp.sign_ef(torch.zeros(2, 5), torch.zeros(4, 5), 4, rows=[0, -1]), ValueError,
+         "rows entry must be >= 0"),
+        (lambda: fedcomp.topk_ef(torch.zeros(2, 5), torch.zeros(4, 6), 1, rows=[0, 1]), ValueError,
+         "residual must be [K, 5] with rows"),
+        (lambda: fedcomp.topk_ef(torch.zeros(2, 5), None, 1, rows=[0, 1]), ValueError, "rows needs x of shape [m, n]"),
+        (lambda: fedcomp.topk_ef(torch.zeros(5), torch.zeros(4, 5), 1, rows=[0]), ValueError,
+         "rows needs x of shape [m, n]"),
+        (lambda: fedcomp.topk_ef(torch.zeros(2, 5), torch.zeros(4, 5), 1, rows=torch.tensor([0, 1])), TypeError,
+         "rows must be a list of ints"),
+        (lambda: fedcomp.topk_ef(torch.zeros(2, 5), torch.zeros(4, 5), 1, rows=[0, 1.5]), TypeError,
+         "rows entry must be an int"),
+    ],
+)  # fmt: skip
+def test_rows_bad_input_names_the_argument(call, exc, text):
+    with pytest.raises(exc) as info:
+        call()
+    assert text in str(info.value)
+
+
+def test_pooled_residuals_grow_reset_and_restore():
+    """ErrorFeedback keeps short residuals as rows of shared buffers: more keys than one buffer
+    holds (batched per buffer), a reset key's row comes back zeroed to the next key, and
+    state_dict / load_state_dict continue to the bit."""
+    n, keys = 1000, [f"c{i}" for i in range(20)]
+    x, _ = _stack(20, n, torch.float32, seed=3)
+    many, one = fedcomp.ErrorFeedback(fedcomp.TopK(0.02)), fedcomp.ErrorFeedback(fedcomp.TopK(0.02))
+    order = [keys[i] for i in (17, 2, 9, 0, 19, 5, 11)]  # spread over the first buffers
+    for step in range(2):
+        for chunk in (keys[:8], keys[8:], order):
+            xs = torch.stack([x[keys.index(k)] * (step + 1) for k in chunk])
+            got = many.compress_many(xs, chunk)
+            want = [one.compress(xs[i], k) for i, k in enumerate(chunk)]
+            assert [p.to_bytes() for p in got] == [p.to_bytes() for p in want]
+    assert len(many._pools[(n, torch.float32, torch.device("cpu"))]) > 1  # the test spans buffers
+    for k in keys:
+        assert_same(many.residual(k), one.residual(k), k)
+    state = many.state_dict()
+    many.reset("c3")
+    assert many.residual("c3") is None
+    fresh = many.compress_many(x[:1], ["new"])  # takes c3's row: it must start from zeros
+    assert fresh[0].to_bytes() == fedcomp.ErrorFeedback(fedcomp.TopK(0.02)).compress(x[0], "new").to_bytes()
+    restored = fedcomp.ErrorFeedback(fedcomp.TopK(0.02))
+    restored.load_state_dict(state)
+    for k in keys:
+        assert_same(restored.residual(k), one.residual(k), f"restored {k}")
+    a = restored.compress_many(x[:5] * 3, keys[:5])
+    b = [one.compress(x[i] * 3, keys[i]) for i in range(5)]
+    assert [p.to_bytes() for p in a] == [p.to_bytes() for p in b]
+    with pytest.raises(ValueError, match="state for key 'c0' holds 1000 entries"):
+        restored.compress(torch.zeros(999), "c0")

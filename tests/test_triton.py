@@ -175,3 +175,21 @@ def test_rows_equal_separate_calls(m, n):
     p2, s2 = reference.sign_ef_rows(x, r.clone(), 64, False)
     assert_same(p1, p2, "sign bits")
     torch.testing.assert_close(s1, s2, rtol=1e-6, atol=0)
+
+
+def test_rows_pick_rows_of_a_shared_residual():
+    """``rows``: row i of x uses row rows[i] of a [K, n] residual, as the reference does."""
+    n, rows = 1023, [3, 0]
+    x = torch.stack([make_input(n, torch.float32, seed=i)[0] for i in range(2)])
+    slab = torch.stack([make_input(n, torch.float32, seed=10 + j)[1] for j in range(4)])
+    r1, r2 = slab.clone(), slab.clone()
+    v1, i1 = T.topk_ef_rows_triton(x, r1, 50, torch.int64, rows)
+    v2, i2 = reference.topk_ef_rows(x, r2, 50, torch.int64, rows)
+    assert_same(i1, i2, "indices")
+    assert_same(v1, v2, "values")
+    assert_same(r1, r2, "residual")
+    r1, r2 = slab.clone(), slab.clone()
+    p1, _ = T.sign_ef_rows_triton(x, r1, 64, False, rows)
+    p2, _ = reference.sign_ef_rows(x, r2, 64, False, rows)
+    assert_same(p1, p2, "sign bits")
+    torch.testing.assert_close(r1, r2, rtol=1e-6, atol=0)

@@ -653,9 +653,30 @@ void for_rows(int64_t m, const F& row) {
   }
 }
 
-// x is [n] (one client, the kernel parallel inside) or [m, n] (one row per client).
-std::tuple<Tensor, Tensor> topk_ef_cpu(const Tensor& x, const std::optional<Tensor>& residual, int64_t k,
-                                       at::ScalarType index_dtype) {
+// The residual row of x's row i: rows[i] of a [K, n] residual when `rows` is given (the
+// residuals of many keys kept in one buffer), else row i. Python checks that the rows are
+// distinct; here, their count and range.
+inline std::vector<int64_t> residual_rows(const std::optional<Tensor>& residual, at::OptionalIntArrayRef rows,
+                                          int64_t m, int64_t n, const char* name) {
+  std::vector<int64_t> out(m);
+  for (int64_t i = 0; i < m; ++i) out[i] = i;
+  if (!rows.has_value() || !residual) return out;
+  TORCH_CHECK(static_cast<int64_t>(rows->size()) == m && residual->dim() == 2 && residual->size(1) == n &&
+                  residual->is_contiguous(),
+              "fedcomp::", name, ": with rows, residual must be a contiguous [K, n] tensor and rows hold one "
+              "entry per row of x");
+  for (int64_t i = 0; i < m; ++i) {
+    out[i] = (*rows)[i];
+    TORCH_CHECK(out[i] >= 0 && out[i] < residual->size(0), "fedcomp::", name, ": rows entry ", out[i],
+                " out of range [0, ", residual->size(0), ")");
+  }
+  return out;
+}
+
+// x is [n] (one client, the kernel parallel inside) or [m, n] (one row per client; the
+// residual of row i is row rows[i] of residual when rows is given).
+std::tuple<Tensor, Tensor> topk_ef_rows_cpu(const Tensor& x, const std::optional<Tensor>& residual, int64_t k,
+                                            at::ScalarType index_dtype, at::OptionalIntArrayRef rows) {
   TORCH_CHECK((x.dim() == 1 || x.dim() == 2) && x.is_contiguous(), "fedcomp::topk_ef: x must be 1-D or 2-D contiguous");
   const bool stacked = x.dim() == 2;
   const int64_t m = stacked ? x.size(0) : 1, n = x.size(-1);
@@ -663,12 +684,13 @@ std::tuple<Tensor, Tensor> topk_ef_cpu(const Tensor& x, const std::optional<Tens
   const auto shape = stacked ? std::vector<int64_t>{m, k} : std::vector<int64_t>{k};
   Tensor values = at::empty(shape, x.options());
   Tensor indices = at::empty(shape, x.options().dtype(index_dtype));
+  const std::vector<int64_t> rrow = residual_rows(residual, rows, m, n, "topk_ef_rows");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_ef_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* r = residual ? residual->data_ptr<scalar_t>() : nullptr;
     scalar_t* v = values.data_ptr<scalar_t>();
     for_rows(m, [&](int64_t i) {
-      scalar_t* ri = r ? r + i * n : nullptr;
+      scalar_t* ri = r ? r + rrow[i] * n : nullptr;
       if (index_dtype == at::kInt)
         topk_ef_impl<scalar_t, int32_t>(xp + i * n, ri, n, k, v + i * k, indices.data_ptr<int32_t>() + i * k);
       else
@@ -676,6 +698,11 @@ std::tuple<Tensor, Tensor> topk_ef_cpu(const Tensor& x, const std::optional<Tens
     });
   });
   return {values, indices};
+}
+
+std::tuple<Tensor, Tensor> topk_ef_cpu(const Tensor& x, const std::optional<Tensor>& residual, int64_t k,
+                                       at::ScalarType index_dtype) {
+  return topk_ef_rows_cpu(x, residual, k, index_dtype, std::nullopt);
 }
 
 template <bool kEF, typename scalar_t, typename Policy>
@@ -791,7 +818,8 @@ void dequantize_blocks(const uint8_t* packed, const float* scales, int64_t n, in
 // x is [n] or [m, n] (one row per client, each quantised exactly as a 1-D call).
 template <typename Policy>
 std::tuple<Tensor, Tensor> quantize_cpu(const Tensor& x, const std::optional<Tensor>& residual,
-                                        int64_t block, const Policy& p, const char* name) {
+                                        int64_t block, const Policy& p, const char* name,
+                                        at::OptionalIntArrayRef rows = std::nullopt) {
   TORCH_CHECK((x.dim() == 1 || x.dim() == 2) && x.is_contiguous(), "fedcomp::", name,
               ": x must be 1-D or 2-D contiguous");
   TORCH_CHECK(block >= 1, "fedcomp::", name, ": block must be >= 1");
@@ -801,13 +829,14 @@ std::tuple<Tensor, Tensor> quantize_cpu(const Tensor& x, const std::optional<Ten
   auto shape = [&](int64_t len) { return stacked ? std::vector<int64_t>{m, len} : std::vector<int64_t>{len}; };
   Tensor packed = at::zeros(shape(nbytes), x.options().dtype(at::kByte));
   Tensor scales = at::empty(shape(nblocks), x.options().dtype(at::kFloat));
+  const std::vector<int64_t> rrow = residual_rows(residual, rows, m, n, name);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* r = residual ? residual->data_ptr<scalar_t>() : nullptr;
     uint8_t* pk = packed.data_ptr<uint8_t>();
     float* sc = scales.data_ptr<float>();
     for_rows(m, [&](int64_t i) {
-      if (r) quantize_blocks<true>(xp + i * n, r + i * n, n, block, p, pk + i * nbytes, sc + i * nblocks);
+      if (r) quantize_blocks<true>(xp + i * n, r + rrow[i] * n, n, block, p, pk + i * nbytes, sc + i * nblocks);
       else quantize_blocks<false>(xp + i * n, r, n, block, p, pk + i * nbytes, sc + i * nblocks);
     });
   });
@@ -847,6 +876,12 @@ std::tuple<Tensor, Tensor> sign_ef_cpu(const Tensor& x, const std::optional<Tens
                                        int64_t block, bool l2) {
   return l2 ? quantize_cpu(x, residual, block, SignPolicy<true>{}, "sign_ef")
             : quantize_cpu(x, residual, block, SignPolicy<false>{}, "sign_ef");
+}
+
+std::tuple<Tensor, Tensor> sign_ef_rows_cpu(const Tensor& x, const std::optional<Tensor>& residual,
+                                            int64_t block, bool l2, at::OptionalIntArrayRef rows) {
+  return l2 ? quantize_cpu(x, residual, block, SignPolicy<true>{}, "sign_ef_rows", rows)
+            : quantize_cpu(x, residual, block, SignPolicy<false>{}, "sign_ef_rows", rows);
 }
 
 Tensor sign_decode_cpu(const Tensor& packed, const Tensor& scales, int64_t numel, int64_t block) {
@@ -1017,8 +1052,8 @@ TORCH_LIBRARY_IMPL(fedcomp, CPU, m) {
   m.impl("qsgd_decode", &qsgd_decode_cpu);
   m.impl("sparse_accumulate", &sparse_accumulate_cpu);
   m.impl("sign_accumulate", &sign_accumulate_cpu);
-  m.impl("topk_ef_rows", &topk_ef_cpu);  // the same kernels serve [n] and [m, n]
-  m.impl("sign_ef_rows", &sign_ef_cpu);
+  m.impl("topk_ef_rows", &topk_ef_rows_cpu);  // the same kernels serve [n] and [m, n]
+  m.impl("sign_ef_rows", &sign_ef_rows_cpu);
   m.impl("qsgd_accumulate", &qsgd_accumulate_cpu);
 }
 
