@@ -379,7 +379,7 @@ class ErrorFeedback(_Stateful):
     ``sum(decoded) + e_final == sum(x)`` (exactly for top-k in fp32).
 
     Residuals of fewer than 2^18 entries are rows of shared buffers (one set per size, dtype
-    and device, grown by half their rows when full and never moved), so that
+    and device, doubled when full and never moved; see :meth:`reserve`), so that
     :meth:`compress_many` updates many keys' residuals with one batched op.
     """
 
@@ -399,23 +399,36 @@ class ErrorFeedback(_Stateful):
         if key in self.residuals or n >= _ROWS_BATCH_BELOW:
             return self._slot(self.residuals, key, n, x.device, x.dtype)
         pool = (n, x.dtype, x.device)
-        free = self._free.setdefault(pool, [])
-        if not free:
-            buffers = self._pools.setdefault(pool, [])
-            capacity = max(8, sum(b.shape[0] for b in buffers) // 2)
-            buffers.append(torch.zeros(capacity, n, dtype=x.dtype, device=x.device))
-            free.extend((buffers[-1], j) for j in reversed(range(capacity)))
-        buffer, row = self._home[key] = free.pop()
+        if not self._free.get(pool):
+            self._grow(pool, max(8, sum(b.shape[0] for b in self._pools.get(pool, []))))
+        buffer, row = self._home[key] = self._free[pool].pop()
         self.residuals[key] = buffer[row].zero_()
         return self.residuals[key]
 
+    def _grow(self, pool: tuple, rows: int) -> None:
+        n, dtype, device = pool
+        buffer = torch.zeros(rows, n, dtype=dtype, device=device)
+        self._pools.setdefault(pool, []).append(buffer)
+        self._free.setdefault(pool, []).extend((buffer, j) for j in reversed(range(rows)))
+
+    def reserve(self, count: int, like: Tensor) -> None:
+        """Make room for ``count`` keys' residuals for updates like ``like`` (``[n]`` or
+        ``[m, n]``) in one shared buffer, so that :meth:`compress_many` over any of them is one
+        batched call (e.g. a trainer's number of clients, before the first round). Residuals
+        are still created at a key's first call, as zeros; nothing else changes."""
+        count = ops._check_int("count", count, 0)
+        if not isinstance(like, Tensor) or like.dim() not in (1, 2):
+            raise TypeError("like must be a [n] or [m, n] tensor")
+        pool = (like.shape[-1], like.dtype, like.device)
+        missing = count - len(self._free.get(pool, []))
+        if like.shape[-1] < _ROWS_BATCH_BELOW and missing > 0:
+            self._grow(pool, missing)
+
     def reset(self, key: str | None = None) -> None:
-        if key is None:
-            self._pools.clear()
-            self._free.clear()
-            self._home.clear()
-        elif key in self._home:
-            buffer, row = self._home.pop(key)
+        """Forget the state of ``key`` (all keys if ``None``); their rows of the shared buffers
+        are reused, zeroed, by later keys."""
+        for k in list(self._home) if key is None else [key] if key in self._home else []:
+            buffer, row = self._home.pop(k)
             self._free[(buffer.shape[1], buffer.dtype, buffer.device)].append((buffer, row))
         super().reset(key)
 

@@ -146,6 +146,8 @@ class Trainer:
             build_uplink(cfg, self.model, self.spec, self.data, seed_offset=7919) if cfg.sfc_double_way else None
         )
         self.state = RunState(round=0, w=w0.clone(), trajectory=[w0.clone()])
+        if isinstance(self.uplink, fedcomp.ErrorFeedback):  # every client's residual in one buffer
+            self.uplink.reserve(cfg.clients, self.state.w)
         self.timings = {"local": 0.0, "compress": 0.0, "wire": 0.0, "aggregate": 0.0, "distill": 0.0, "eval": 0.0}
 
     # -- model helpers -------------------------------------------------------

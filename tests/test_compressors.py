@@ -262,6 +262,13 @@ def test_randk_positions_kernel_matches_reference(backend, n):
         assert_same(torch.ops.fedcomp.randk_positions(keys, k, n), reference.randk_positions(keys, k, n), "positions")
 
 
+@pytest.mark.parametrize("k, n", [(1, 2**40 + 5), (7, 2**40 + 5), (3, 2**61 + 1), (5000, 10**9)])
+def test_randk_positions_kernel_matches_reference_when_n_dwarfs_k(backend, k, n):
+    """Few positions in a huge range: the kernel sorts its picks instead of using a bitmap of [0, n)."""
+    keys = torch.tensor([splitmix64(5 + k, r) for r in range(4)])
+    assert_same(torch.ops.fedcomp.randk_positions(keys, k, n), reference.randk_positions(keys, k, n), "positions")
+
+
 def test_randk_positions_kernel_rejects_bad_arguments(backend):
     keys = torch.zeros(4, dtype=torch.int64)
     for args in ((keys[:3], 1, 10), (keys.int(), 1, 10), (keys, 11, 10), (keys, -1, 10), (keys, 1, 2**62)):

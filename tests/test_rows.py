@@ -214,3 +214,25 @@ def test_pooled_residuals_grow_reset_and_restore():
     assert [p.to_bytes() for p in a] == [p.to_bytes() for p in b]
     with pytest.raises(ValueError, match="state for key 'c0' holds 1000 entries"):
         restored.compress(torch.zeros(999), "c0")
+
+
+def test_reserve_puts_every_key_in_one_buffer():
+    """reserve(count, like): the first count keys share one buffer, so compress_many over any
+    of them is one batched call; state_dict still holds only the keys that were used."""
+    n = 777
+    x, _ = _stack(6, n, torch.float32, seed=4)
+    ef = fedcomp.ErrorFeedback(fedcomp.Sign(64))
+    ef.reserve(20, x)
+    calls = []
+    encode_rows = ef.compressor._encode_rows
+    ef.compressor._encode_rows = lambda *a: calls.append(a[2]) or encode_rows(*a)
+    for step in range(4):
+        ef.compress_many(x, [f"c{(3 * step + i) % 20}" for i in range(6)])
+    assert len(calls) == 4 and len(ef._pools[(n, torch.float32, torch.device("cpu"))]) == 1
+    assert sorted(ef.state_dict()["residuals"]) == sorted({f"c{(3 * s + i) % 20}" for s in range(4) for i in range(6)})
+    ef.reserve(3, x)  # enough free rows already: no new buffer
+    assert len(ef._pools[(n, torch.float32, torch.device("cpu"))]) == 1
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        ef.reserve(-1, x)
+    with pytest.raises(TypeError, match="like must be"):
+        ef.reserve(2, [1.0])

@@ -769,6 +769,19 @@ struct AccumulateStore {
   void put(int64_t i, float pv) const { out[i] = out[i] + pv; }
 };
 
+// Entries [i, t) from whole bytes of 8/W codes (i at a byte boundary), each through the
+// block's table; returns where it stopped (fewer than 8/W entries before t).
+template <int W, typename Store>
+inline int64_t put_code_bytes(const uint8_t* packed, const float* lut, int64_t i, int64_t t, const Store& out) {
+  constexpr int kPer = 8 / W;
+  constexpr uint32_t kMask = (1u << W) - 1u;
+  for (; i + kPer <= t; i += kPer) {
+    const uint32_t byte = packed[(i * W) >> 3];
+    for (int j = 0; j < kPer; ++j) out.put(i + j, lut[(byte >> (j * W)) & kMask]);
+  }
+  return i;
+}
+
 template <typename Policy, typename Store>
 void dequantize_blocks(const uint8_t* packed, const float* scales, int64_t n, int64_t block,
                        const Policy& p, const Store& store) {
@@ -787,14 +800,15 @@ void dequantize_blocks(const uint8_t* packed, const float* scales, int64_t n, in
         for (uint32_t c = 0; c <= mask; ++c) lut[c] = out.prepare(p.value(c, scale));
         const int64_t slot = 8 / w - 1;  // codes per byte - 1 (a power of two minus one)
         int64_t i = s;
-        if (w == 1) {
-          for (; i < t && (i & 7); ++i) out.put(i, lut[(packed[i >> 3] >> (i & 7)) & 1u]);
-          for (; i + 8 <= t; i += 8) {  // one byte, eight entries, constant shifts
-            const uint32_t byte = packed[i >> 3];
-            for (int j = 0; j < 8; ++j) out.put(i + j, lut[(byte >> j) & 1u]);
-          }
+        auto one = [&](int64_t j) { out.put(j, lut[(packed[(j * w) >> 3] >> ((j & slot) * w)) & mask]); };
+        for (; i < t && (i & slot); ++i) one(i);  // up to a byte boundary
+        switch (w) {                              // then whole bytes, constant shifts
+          case 1: i = put_code_bytes<1>(packed, lut, i, t, out); break;
+          case 2: i = put_code_bytes<2>(packed, lut, i, t, out); break;
+          case 4: i = put_code_bytes<4>(packed, lut, i, t, out); break;
+          default: i = put_code_bytes<8>(packed, lut, i, t, out); break;
         }
-        for (; i < t; ++i) out.put(i, lut[(packed[(i * w) >> 3] >> ((i & slot) * w)) & mask]);
+        for (; i < t; ++i) one(i);
       } else {
         // other widths: a sequential bit reader (w is fixed per call, so its state from b holds)
         for (int64_t i = s; i < t; ++i) {
@@ -1004,13 +1018,35 @@ void sparse_accumulate_cpu(const Tensor& out, const Tensor& indices, const Tenso
 // randk_positions: the first k values of a 4-round Feistel permutation of
 // [0, 2^(2h)) (h = half the bits of n) that fall in [0, n), sorted; the same
 // integer arithmetic as fedcomp/reference.py (products stay below 2^62).
+// The permutation is evaluated 64 values at a time in a loop that vectorises
+// (each product is 31 x 32 bits: one 32x32 -> 64 multiply, in an AVX2 clone
+// where the CPU has it); the picks are sorted through a bitmap of [0, n) when
+// that is small next to k, else by std::sort.
 // ===========================================================================
 inline uint64_t feistel_round(uint64_t r, uint64_t key, uint64_t mask) {
   constexpr uint64_t kM31 = (uint64_t{1} << 31) - 1, kM62 = (uint64_t{1} << 62) - 1;
-  uint64_t h = (((r ^ (key & kM31)) & kM31) * 0x5BD1E995u) & kM62;
+  uint64_t h = (static_cast<uint64_t>(static_cast<uint32_t>((r ^ key) & kM31)) * 0x5BD1E995u) & kM62;
   h ^= h >> 29;
-  h = ((h & kM31) * 0x2C1B3C6Du) & kM62;
+  h = (static_cast<uint64_t>(static_cast<uint32_t>(h & kM31)) * 0x2C1B3C6Du) & kM62;
   return (h ^ (h >> 31)) & mask;
+}
+
+constexpr int kFeistelBlock = 64;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void feistel_block(uint64_t v0, int half, uint64_t mask, const uint64_t* key, uint64_t* w) {
+  for (int j = 0; j < kFeistelBlock; ++j) {
+    const uint64_t v = v0 + static_cast<uint64_t>(j);
+    uint64_t left = v >> half, right = v & mask;
+    for (int r = 0; r < 4; ++r) {
+      const uint64_t next = left ^ feistel_round(right, key[r], mask);
+      left = right;
+      right = next;
+    }
+    w[j] = (left << half) | right;
+  }
 }
 
 Tensor randk_positions_cpu(const Tensor& round_keys, int64_t k, int64_t n) {
@@ -1018,24 +1054,36 @@ Tensor randk_positions_cpu(const Tensor& round_keys, int64_t k, int64_t n) {
                   k >= 0 && k <= n && n < (int64_t{1} << 62),
               "fedcomp::randk_positions: round_keys must be [4] int64 and 0 <= k <= n < 2^62");
   const Tensor keys = round_keys.contiguous();
-  const int64_t* key = keys.const_data_ptr<int64_t>();
+  uint64_t key[4];
+  for (int r = 0; r < 4; ++r) key[r] = static_cast<uint64_t>(keys.const_data_ptr<int64_t>()[r]);
   const uint64_t top = static_cast<uint64_t>(std::max<int64_t>(n - 1, 1));
   const int half = std::max(1, (64 - __builtin_clzll(top) + 1) / 2);
   const uint64_t mask = (uint64_t{1} << half) - 1;
   Tensor out = at::empty({k}, keys.options());
   int64_t* o = out.data_ptr<int64_t>();
+  const int64_t words = ceil_div(n, 64);
+  const bool bitmap = words <= 16 * k + 4096;
+  std::vector<uint64_t> bits(bitmap ? words : 0, 0);
+  uint64_t w[kFeistelBlock];
   int64_t found = 0;
-  for (uint64_t v = 0; found < k; ++v) {  // a permutation of [0, 2^(2h)) covers [0, n): this ends
-    uint64_t left = v >> half, right = v & mask;
-    for (int r = 0; r < 4; ++r) {
-      const uint64_t next = left ^ feistel_round(right, static_cast<uint64_t>(key[r]), mask);
-      left = right;
-      right = next;
+  // A permutation of [0, 2^(2h)) covers [0, n), so this ends before v leaves the domain (values
+  // past the k-th pick in the last block are computed and ignored).
+  for (uint64_t v = 0; found < k; v += kFeistelBlock) {
+    feistel_block(v, half, mask, key, w);
+    for (int j = 0; j < kFeistelBlock && found < k; ++j) {
+      if (w[j] >= static_cast<uint64_t>(n)) continue;
+      if (bitmap) bits[w[j] >> 6] |= uint64_t{1} << (w[j] & 63);
+      else o[found] = static_cast<int64_t>(w[j]);
+      ++found;
     }
-    const uint64_t w = (left << half) | right;
-    if (w < static_cast<uint64_t>(n)) o[found++] = static_cast<int64_t>(w);
   }
-  std::sort(o, o + k);
+  if (!bitmap) {
+    std::sort(o, o + k);
+    return out;
+  }
+  int64_t pos = 0;
+  for (int64_t i = 0; i < words && pos < k; ++i)
+    for (uint64_t b = bits[i]; b; b &= b - 1) o[pos++] = i * 64 + __builtin_ctzll(b);
   return out;
 }
 
