@@ -20,7 +20,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _backend, ops
 from .wire import Payload
 
 __all__ = ["aggregate"]
@@ -71,13 +71,20 @@ def aggregate(payloads, weights=None, *, out: Tensor | None = None, sign: str = 
     if out is None:
         out = torch.zeros(numel, dtype=torch.float32, device=device)
     else:
-        if not isinstance(out, Tensor) or out.dtype != torch.float32 or out.shape != (numel,) or out.device != device:
-            raise ValueError(f"out must be a [{numel}] float32 tensor on {device}")
+        if (
+            not isinstance(out, Tensor)
+            or out.dtype != torch.float32
+            or out.shape != (numel,)
+            or out.device != device
+            or not out.is_contiguous()
+        ):
+            raise ValueError(f"out must be a contiguous [{numel}] float32 tensor on {device}")
         out.zero_()
     if sign == "majority":
         return _majority(payloads, w, out)
-    for p, wi in zip(payloads, w):
-        p.accumulate_into(out, wi)
+    _backend.backend_for(device.type)
+    for p, wi in zip(payloads, w):  # out, the weights and (when made) each payload are checked
+        p._accumulate(out, wi)
     return out
 
 

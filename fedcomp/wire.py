@@ -227,6 +227,10 @@ class Payload:
         if len(self.sections) != len(want):
             raise ValueError(f"a {self.kind} payload has {len(want)} sections; got {len(self.sections)}")
         for i, (t, nb, dt) in enumerate(zip(self.sections, want, dtypes)):
+            if not isinstance(t, Tensor) or t.device != self.sections[0].device or not t.is_contiguous():
+                raise ValueError(
+                    f"section {i} of a {self.kind} payload must be a contiguous tensor on the device of section 0"
+                )
             if t.dtype != dt or t.dim() != 1 or t.numel() * t.element_size() != nb:
                 raise ValueError(
                     f"section {i} of a {self.kind} payload must be a 1-D {dt} tensor of {nb} bytes; "
@@ -358,15 +362,26 @@ class Payload:
         Args:
             out: ``[numel]`` float32 on the payload's device.
         """
-        if out.numel() != self.numel:
-            raise ValueError(f"out must have {self.numel} entries; got {out.numel()}")
-        if self.kind in ("topk", "randk"):
-            return ops.sparse_accumulate(out, self.indices(), self.sections[0], alpha)
-        if self.kind == "sign":
-            return ops.sign_accumulate(out, *self.sections, self.params["block"], alpha)
-        if self.kind == "qsgd":
-            return ops.qsgd_accumulate(out, *self.sections, self.params["levels"], self.params["bucket"], alpha)
-        return out.add_(self.sections[0], alpha=alpha)
+        ops._check_accumulator(out, self.sections[0])
+        if out.numel() != self.numel or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous tensor of {self.numel} entries; got shape {tuple(out.shape)}")
+        _backend.backend_for(out.device.type)
+        return self._accumulate(out, ops._check_alpha(alpha))
+
+    def _accumulate(self, out: Tensor, alpha: float) -> Tensor:
+        """:meth:`accumulate_into` once ``out`` (contiguous fp32 ``[numel]`` on the payload's
+        device) and ``alpha`` (a finite float) are checked: the sections were checked when the
+        payload was made, so the kernels are called directly."""
+        kind, sections = self.kind, self.sections
+        if kind in ("topk", "randk"):
+            torch.ops.fedcomp.sparse_accumulate(out, self.indices(), sections[0].detach(), alpha)
+        elif kind == "sign":
+            torch.ops.fedcomp.sign_accumulate(out, *sections, self.params["block"], alpha)
+        elif kind == "qsgd":
+            torch.ops.fedcomp.qsgd_accumulate(out, *sections, self.params["levels"], self.params["bucket"], alpha)
+        else:
+            out.add_(sections[0], alpha=alpha)
+        return out
 
     def _decode_quantized(self) -> Tensor:
         packed, scales = self.sections

@@ -160,3 +160,22 @@ ACC_BAD = [
 def test_accumulate_bad_input_names_the_argument(call, exc, text):
     with pytest.raises(exc, match=re.escape(text)):
         call()
+
+
+def test_accumulators_and_sections_must_be_contiguous_and_on_one_device():
+    """aggregate and accumulate_into call the kernels directly once the accumulator is checked:
+    a strided accumulator, or a payload whose sections are strided or on two devices, is refused."""
+    x = torch.randn(64)
+    p = fedcomp.TopK(0.25).compress(x)
+    strided = torch.zeros(128)[::2]
+    with pytest.raises(ValueError, match=r"out must be a contiguous \[64\] float32 tensor"):
+        fedcomp.aggregate([p], out=strided)
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        p.accumulate_into(strided)
+    values, indices = p.sections
+    with pytest.raises(ValueError, match="section 1 of a topk payload must be a contiguous tensor on the device"):
+        fedcomp.Payload("topk", torch.float32, 64, {"k": 16}, (values, indices.to("meta")))
+    with pytest.raises(ValueError, match="section 0 of a topk payload must be a contiguous tensor"):
+        fedcomp.Payload("topk", torch.float32, 64, {"k": 16}, (torch.zeros(32)[::2], indices))
+    want = torch.zeros(64).index_add_(0, indices.long(), values)
+    assert torch.equal(fedcomp.aggregate([p], [1.0]), want)

@@ -349,7 +349,7 @@ def test_aggregate_sign_majority(backend):
         (lambda p: fedcomp.aggregate([p], [float("nan")]), ValueError, r"weights\[0\] must be a finite"),
         (lambda p: fedcomp.aggregate([p], sign="vote"), ValueError, "sign must be 'mean' or 'majority'"),
         (lambda p: fedcomp.aggregate([p], sign="majority"), ValueError, "needs sign payloads"),
-        (lambda p: fedcomp.aggregate([p], out=torch.zeros(3)), ValueError, r"out must be a \[10\] float32"),
+        (lambda p: fedcomp.aggregate([p], out=torch.zeros(3)), ValueError, r"out must be a contiguous \[10\] float32"),
     ],
 )
 def test_aggregate_rejects_bad_input(call, exc, match):
