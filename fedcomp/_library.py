@@ -35,6 +35,10 @@ SCHEMAS = {
     "sign_ef_rows": (
         "sign_ef_rows(Tensor x, Tensor(a!)? residual, int block, bool l2, int[]? rows=None) -> (Tensor, Tensor)"
     ),
+    "randk_ef_rows": (
+        "randk_ef_rows(Tensor x, Tensor(a!)? residual, Tensor round_keys, int k, int[]? rows=None) "
+        "-> (Tensor, Tensor)"
+    ),
     "sign_decode": "sign_decode(Tensor packed, Tensor scales, int numel, int block) -> Tensor",
     "sign_majority": "sign_majority(Tensor packed_stack) -> Tensor",
     "qsgd": "qsgd(Tensor x, Tensor(a!)? residual, int levels, int bucket, int seed) -> (Tensor, Tensor)",
@@ -123,6 +127,12 @@ def _(x, residual, k, index_dtype, rows=None):
 def _(x, residual, block, l2, rows=None):
     m, n = x.shape
     return x.new_empty((m, (n + 7) // 8), dtype=torch.uint8), x.new_empty((m, _nblocks(n, block)), dtype=torch.float32)
+
+
+@torch.library.register_fake("fedcomp::randk_ef_rows")
+def _(x, residual, round_keys, k, rows=None):
+    m = x.shape[0]
+    return x.new_empty((m, k)), x.new_empty((m, k), dtype=torch.int64)
 
 
 @torch.library.register_fake("fedcomp::randk_positions")

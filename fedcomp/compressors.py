@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .wire import Payload, index_dtype_for, randk_indices, splitmix64, wire_nbytes
+from .wire import Payload, _positions, index_dtype_for, splitmix64, wire_nbytes
 
 __all__ = ["Compressor", "Identity", "TopK", "RandK", "Sign", "QSGD", "ErrorFeedback", "EF21"]
 
@@ -216,16 +216,17 @@ class RandK(_Seeded):
         return {"k": _count(self.ratio, numel), "seed": 0}
 
     def _encode(self, x, residual):
-        n = x.numel()
-        seed = self._next_seed()
-        idx = randk_indices(seed, _count(self.ratio, n), n, x.device)
-        if residual is None:
-            values = x[idx]
-        else:
-            residual.add_(x)  # a = x + residual, in place
-            values = residual[idx]
-            residual.index_fill_(0, idx, 0)
-        return Payload("randk", x.dtype, n, {"k": idx.numel(), "seed": seed}, (values,))
+        return self._encode_rows(x[None], None if residual is None else residual[None], [0])[0]
+
+    def _encode_rows(self, x, residual, rows):
+        n = x.shape[1]
+        k = _count(self.ratio, n)
+        seeds = [self._next_seed() for _ in range(x.shape[0])]
+        values, positions = ops.randk_ef(x, residual, k, seeds, rows=None if residual is None else rows)
+        if positions.device.type == "cpu":  # a receiver in this process (a simulation) reuses them
+            for s, p in zip(seeds, positions):
+                _positions(s, k, n, p)
+        return [Payload("randk", x.dtype, n, {"k": k, "seed": s}, (v,)) for s, v in zip(seeds, values)]
 
     def __repr__(self) -> str:
         return f"RandK(ratio={self.ratio}, seed={self.seed})"

@@ -248,6 +248,47 @@ def sign_ef(
     return _ops.sign_ef(x, residual, block, scale == "l2")
 
 
+# --------------------------------------------------------------------------
+# rand-k
+# --------------------------------------------------------------------------
+def randk_ef(x: Tensor, residual: Tensor | None, k: int, seed, *, rows=None) -> tuple[Tensor, Tensor]:
+    """Rand-k with error feedback: the ``k`` positions of ``seed`` (those of
+    :func:`fedcomp.wire.randk_indices`, which a receiver regenerates from the seed alone),
+    ``a = x + residual`` (rounded to ``x.dtype``), ``values = a[positions]``, and ``residual``
+    set in place to ``a`` with the positions zeroed.
+
+    Args:
+        x: ``[n]`` float32/float16/bfloat16, contiguous, with an int ``seed``; or ``[m, n]``
+            with ``m`` seeds, one per row (one call, one parallel region on the CPU).
+        residual: like ``x``, or ``None``; with a stack, a ``[K, n]`` residual and ``rows``
+            as in :func:`topk_ef`.
+        k: positions per row, ``0 <= k <= n``.
+        seed: ``0 <= seed < 2**63`` (a list of them for a stack).
+
+    Returns:
+        ``(values [k] x.dtype, positions [k] int64)``, ascending positions (``[m, k]`` each
+        for a stack).
+    """
+    from .wire import round_keys
+
+    x = _input(x, residual, rows=True, residual_rows=rows)
+    n = x.shape[-1]
+    k = _check_int("k", k, 0, n)
+    if n >= 1 << 62:
+        raise ValueError(f"x must have fewer than 2**62 entries per row; got {n}")
+    one = x.dim() == 1
+    seeds = [seed] if one else seed
+    if isinstance(seeds, (str, bytes, Tensor)) or not hasattr(seeds, "__len__") or len(seeds) != (
+        1 if one else x.shape[0]
+    ):
+        raise ValueError(f"seed must be an int for x of shape [n], or {x.shape[0]} ints for x of shape [m, n]")
+    keys = round_keys([_check_int("seed", s, 0, (1 << 63) - 1) for s in seeds])
+    if one:
+        values, positions = _ops.randk_ef_rows(x[None], None if residual is None else residual[None], keys, k, None)
+        return values[0], positions[0]
+    return _ops.randk_ef_rows(x, residual, keys, k, _int_list(rows))
+
+
 def _check_stream(packed, scales, numel, block, width: int, scales_name: str) -> tuple[int, int]:
     _check_tensor("packed", packed, (torch.uint8,))
     _check_tensor(scales_name, scales, (torch.float32,))

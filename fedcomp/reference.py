@@ -374,3 +374,31 @@ def randk_positions(round_keys: Tensor, k: int, n: int) -> Tensor:
         need -= v.numel()
         start += count
     return torch.cat(found).sort().values if found else torch.zeros(0, dtype=torch.int64)
+
+
+def randk_ef_rows(x: Tensor, residual: Tensor | None, round_keys: Tensor, k: int, rows=None):
+    """Rand-k with error feedback on each row of ``x [m, n]``: ``a = x[i] + residual row``
+    (rounded to ``x.dtype``; the row is ``i``, or ``rows[i]`` of a ``[K, n]`` residual), then
+    ``values[i] = a[p_i]`` with ``p_i = randk_positions(round_keys[i], k, n)`` and the residual
+    row set to ``a`` with ``p_i`` zeroed.
+
+    Returns:
+        ``(values [m, k] x.dtype, positions [m, k] int64 on x's device)``.
+    """
+    m, n = x.shape
+    rows = range(m) if rows is None else rows
+    values, positions = [], []
+    for i, j in enumerate(rows):
+        # the host op: the C++ kernel when it is built, else randk_positions above
+        pos = torch.ops.fedcomp.randk_positions(round_keys[i].cpu(), k, n).to(x.device)
+        if residual is None:
+            values.append(x[i][pos])
+        else:
+            r = residual[j]
+            r.add_(x[i])
+            values.append(r[pos])
+            r.index_fill_(0, pos, 0)
+        positions.append(pos)
+    if not positions:
+        return x.new_empty((0, k)), x.new_empty((0, k), dtype=torch.int64)
+    return torch.stack(values), torch.stack(positions)

@@ -26,7 +26,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from .reference import apply_rows, check_indices, qsgd_bits  # noqa: E402
+from .reference import apply_rows, check_indices, qsgd_bits, randk_ef_rows  # noqa: E402
 
 __all__ = [
     "topk_ef_triton",
@@ -645,6 +645,13 @@ def topk_ef_rows_triton(x: Tensor, residual: Tensor | None, k: int, index_dtype:
 
 def sign_ef_rows_triton(x: Tensor, residual: Tensor | None, block: int, l2: bool, rows=None):
     return apply_rows(sign_ef_triton, x, residual, block, l2, rows=rows)
+
+
+def randk_ef_rows_triton(x: Tensor, residual: Tensor | None, round_keys: Tensor, k: int, rows=None):
+    # Rand-k has no kernel of its own on the GPU: the positions come from the host op (as the
+    # receiver's do) and the add, gather and zeroing are device-side torch ops, queued with no
+    # host synchronisation.
+    return randk_ef_rows(x, residual, round_keys, k, rows)
 
 
 # --------------------------------------------------------------------------

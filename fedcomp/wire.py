@@ -45,10 +45,11 @@ of range or not strictly ascending.
 
 from __future__ import annotations
 
-import functools
+import collections
 import math
 import struct
 import sys
+import threading
 import zlib
 from dataclasses import dataclass
 
@@ -123,21 +124,39 @@ def randk_indices(seed: int, k: int, n: int, device: torch.device | str = "cpu")
         raise ValueError(f"k must be in [0, n={n}]; got {k}")
     if n >= 1 << 62:
         raise ValueError(f"n must be < 2**62; got {n}")
-    out = _randk_positions_cached(seed, k, n).clone() if k <= 65536 else _randk_positions(seed, k, n)
-    return out.to(device)  # the memoised tensor is cloned: callers may write to it
+    return _positions(seed, k, n).clone().to(device)  # a copy: callers may write to it
 
 
-@functools.lru_cache(maxsize=64)
-def _randk_positions_cached(seed: int, k: int, n: int) -> Tensor:
-    return _randk_positions(seed, k, n)
+_MEMO_MAX_K, _MEMO_SIZE = 65536, 64
+_memo: collections.OrderedDict = collections.OrderedDict()  # (seed, k, n) -> [k] int64 on the CPU
+_memo_lock = threading.Lock()
 
 
-def _randk_positions(seed: int, k: int, n: int) -> Tensor:
-    """The positions of :func:`randk_indices` on the CPU (arguments already checked):
-    ``fedcomp::randk_positions`` (the C++ kernel when built, else the reference)."""
-    _backend.backend_for("cpu")  # loads the C++ kernels when they can be built
-    keys = torch.tensor([splitmix64(seed, r) for r in range(4)], dtype=torch.int64)
-    return torch.ops.fedcomp.randk_positions(keys, k, n)
+def _positions(seed: int, k: int, n: int, known: Tensor | None = None) -> Tensor:
+    """The positions of :func:`randk_indices` on the CPU (arguments already checked), memoised
+    for ``k <= 65536`` (the last 64). ``known``: positions a sender just computed for this
+    ``(seed, k, n)`` (``fedcomp.randk_ef``), remembered instead of computed. Do not modify the
+    result."""
+    key = (seed, k, n)
+    with _memo_lock:
+        hit = _memo.get(key)
+        if hit is not None:
+            _memo.move_to_end(key)
+            return hit
+    if known is None:
+        _backend.backend_for("cpu")  # loads the C++ kernels when they can be built
+        known = torch.ops.fedcomp.randk_positions(round_keys([seed])[0], k, n)
+    if k <= _MEMO_MAX_K:
+        with _memo_lock:
+            _memo[key] = known
+            if len(_memo) > _MEMO_SIZE:
+                _memo.popitem(last=False)
+    return known
+
+
+def round_keys(seeds) -> Tensor:
+    """``[len(seeds), 4]`` int64: the Feistel round keys ``splitmix64(seed, r)`` of each seed."""
+    return torch.tensor([[splitmix64(s, r) for r in range(4)] for s in seeds], dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------

@@ -113,6 +113,7 @@ def _opcheck_samples():
             (torch.randn(1000), torch.randint(0, 255, (500,), dtype=torch.uint8), torch.rand(8), 4, 128, 0.3),
         ),
         ("randk_positions", (torch.tensor([1, 2, 3, 4]), 10, 1000)),
+        ("randk_ef_rows", (x.view(2, 500), torch.randn(2, 500), torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), 10)),
     ]
 
 

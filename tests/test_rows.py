@@ -236,3 +236,68 @@ def test_reserve_puts_every_key_in_one_buffer():
         ef.reserve(-1, x)
     with pytest.raises(TypeError, match="like must be"):
         ef.reserve(2, [1.0])
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", ROW_SIZES)
+def test_randk_ef_equals_the_reference_and_randk_indices(backend, n, dtype, with_residual):
+    """randk_ef: positions are randk_indices(seed); values and residual rows as the reference
+    (and as the composite a = x + r; a[idx]; a[idx] = 0), for a stack, a stack with rows, and 1-D."""
+    m, k, seeds = 3, max(0, n // 10), [5, 2**62 + 11, 0]
+    x, r = _stack(m, n, dtype, seed=n + 2)
+    res = r.clone() if with_residual else None
+    values, positions = fedcomp.randk_ef(x, res, k, seeds)
+    assert values.shape == (m, k) and positions.shape == (m, k) and positions.dtype == torch.int64
+    ref_r = r.clone() if with_residual else None
+    ref_v, ref_p = reference.randk_ef_rows(x, ref_r, fedcomp.wire.round_keys(seeds), k)
+    assert_same(values, ref_v, "values")
+    assert_same(positions, ref_p, "positions")
+    for i, s in enumerate(seeds):
+        idx = fedcomp.wire.randk_indices(s, k, n)
+        assert_same(positions[i], idx, f"positions row {i}")
+        a = (x[i].float() + r[i].float()).to(dtype) if with_residual else x[i]
+        assert_same(values[i], a[idx], f"values row {i}")
+        if with_residual:
+            assert_same(res[i], a.index_fill(0, idx, 0), f"residual row {i}")
+            assert_same(ref_r[i], res[i], f"residual row {i} vs reference")
+        r1 = r[i].clone() if with_residual else None
+        v1, p1 = fedcomp.randk_ef(x[i], r1, k, s)
+        assert_same(v1, values[i], f"1-D values row {i}")
+        assert_same(p1, positions[i], f"1-D positions row {i}")
+    if with_residual:
+        slab = torch.stack([make_input(n, dtype, seed=70 + j)[1] for j in range(5)])
+        got_slab, want = slab.clone(), slab[[4, 1, 3]].clone()
+        v2, _ = fedcomp.randk_ef(x, got_slab, k, seeds, rows=[4, 1, 3])
+        v3, _ = fedcomp.randk_ef(x, want, k, seeds)
+        assert_same(v2, v3, "values with rows")
+        assert_same(got_slab[[4, 1, 3]], want, "named rows")
+        assert_same(got_slab[[0, 2]], slab[[0, 2]], "other rows")
+
+
+def test_randk_ef_opcheck(backend):
+    x, r = _stack(3, 1000, torch.float32)
+    keys = fedcomp.wire.round_keys([1, 2, 3])
+    torch.library.opcheck(torch.ops.fedcomp.randk_ef_rows.default, (x, r.clone(), keys, 10))
+    torch.library.opcheck(torch.ops.fedcomp.randk_ef_rows.default, (x, None, keys, 0))
+    torch.library.opcheck(torch.ops.fedcomp.randk_ef_rows.default, (x, torch.randn(4, 1000), keys, 7, [3, 0, 1]))
+
+
+@pytest.mark.parametrize(
+    "call, exc, text",
+    [
+        (lambda: fedcomp.randk_ef(torch.zeros(2, 5), None, 1, [1]), ValueError,
+         "seed must be an int for x of shape [n], or 2 ints"),
+        (lambda: fedcomp.randk_ef(torch.zeros(5), None, 1, [1, 2]), TypeError, "seed must be an int"),
+        (lambda: fedcomp.randk_ef(torch.zeros(5), None, 1, -1), ValueError, "seed must be in [0, "),
+        (lambda: fedcomp.randk_ef(torch.zeros(5), None, 6, 1), ValueError, "k must be in [0, 5]"),
+        (lambda: fedcomp.randk_ef(torch.zeros(5), torch.zeros(4), 1, 1), ValueError, "residual must have the shape"),
+        (lambda: fedcomp.randk_ef(torch.zeros(5, dtype=torch.int32), None, 1, 1), TypeError, "x must have dtype"),
+        (lambda: fedcomp.randk_ef(torch.zeros(2, 5), torch.zeros(3, 5), 1, [1, 2], rows=[0, 0]), ValueError,
+         "rows must be 2 distinct ints"),
+    ],
+)  # fmt: skip
+def test_randk_ef_bad_input_names_the_argument(call, exc, text):
+    with pytest.raises(exc) as info:
+        call()
+    assert text in str(info.value)

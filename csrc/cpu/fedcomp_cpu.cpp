@@ -1049,18 +1049,13 @@ void feistel_block(uint64_t v0, int half, uint64_t mask, const uint64_t* key, ui
   }
 }
 
-Tensor randk_positions_cpu(const Tensor& round_keys, int64_t k, int64_t n) {
-  TORCH_CHECK(round_keys.dim() == 1 && round_keys.numel() == 4 && round_keys.scalar_type() == at::kLong &&
-                  k >= 0 && k <= n && n < (int64_t{1} << 62),
-              "fedcomp::randk_positions: round_keys must be [4] int64 and 0 <= k <= n < 2^62");
-  const Tensor keys = round_keys.contiguous();
+// The k positions for one row's four round keys, written sorted to o[0, k).
+void randk_positions_into(const int64_t* round_keys, int64_t k, int64_t n, int64_t* o) {
   uint64_t key[4];
-  for (int r = 0; r < 4; ++r) key[r] = static_cast<uint64_t>(keys.const_data_ptr<int64_t>()[r]);
+  for (int r = 0; r < 4; ++r) key[r] = static_cast<uint64_t>(round_keys[r]);
   const uint64_t top = static_cast<uint64_t>(std::max<int64_t>(n - 1, 1));
   const int half = std::max(1, (64 - __builtin_clzll(top) + 1) / 2);
   const uint64_t mask = (uint64_t{1} << half) - 1;
-  Tensor out = at::empty({k}, keys.options());
-  int64_t* o = out.data_ptr<int64_t>();
   const int64_t words = ceil_div(n, 64);
   const bool bitmap = words <= 16 * k + 4096;
   std::vector<uint64_t> bits(bitmap ? words : 0, 0);
@@ -1079,18 +1074,70 @@ Tensor randk_positions_cpu(const Tensor& round_keys, int64_t k, int64_t n) {
   }
   if (!bitmap) {
     std::sort(o, o + k);
-    return out;
+    return;
   }
   int64_t pos = 0;
   for (int64_t i = 0; i < words && pos < k; ++i)
     for (uint64_t b = bits[i]; b; b &= b - 1) o[pos++] = i * 64 + __builtin_ctzll(b);
+}
+
+Tensor randk_positions_cpu(const Tensor& round_keys, int64_t k, int64_t n) {
+  TORCH_CHECK(round_keys.dim() == 1 && round_keys.numel() == 4 && round_keys.scalar_type() == at::kLong &&
+                  k >= 0 && k <= n && n < (int64_t{1} << 62),
+              "fedcomp::randk_positions: round_keys must be [4] int64 and 0 <= k <= n < 2^62");
+  const Tensor keys = round_keys.contiguous();
+  Tensor out = at::empty({k}, keys.options());
+  randk_positions_into(keys.const_data_ptr<int64_t>(), k, n, out.data_ptr<int64_t>());
   return out;
+}
+
+// randk_ef_rows: per row i, the positions of round_keys[i], a = x[i] + residual row (rounded
+// to x's dtype, stored in the row), values = a[positions], then the positions zeroed: the
+// rand-k compressor's steps in one call for all rows (one parallel region over rows).
+std::tuple<Tensor, Tensor> randk_ef_rows_cpu(const Tensor& x, const std::optional<Tensor>& residual,
+                                             const Tensor& round_keys, int64_t k, at::OptionalIntArrayRef rows) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fedcomp::randk_ef_rows: x must be 2-D contiguous");
+  const int64_t m = x.size(0), n = x.size(1);
+  TORCH_CHECK(round_keys.dim() == 2 && round_keys.size(0) == m && round_keys.size(1) == 4 &&
+                  round_keys.scalar_type() == at::kLong && round_keys.device().is_cpu() && k >= 0 && k <= n,
+              "fedcomp::randk_ef_rows: round_keys must be [m, 4] int64 on the CPU and 0 <= k <= n");
+  const Tensor keys = round_keys.contiguous();
+  Tensor values = at::empty({m, k}, x.options());
+  Tensor positions = at::empty({m, k}, x.options().dtype(at::kLong));
+  const std::vector<int64_t> rrow = residual_rows(residual, rows, m, n, "randk_ef_rows");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "randk_ef_rows_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* r = residual ? residual->data_ptr<scalar_t>() : nullptr;
+    scalar_t* v = values.data_ptr<scalar_t>();
+    int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* kp = keys.const_data_ptr<int64_t>();
+    at::parallel_for(0, m, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        int64_t* p = pos + i * k;
+        randk_positions_into(kp + 4 * i, k, n, p);
+        const scalar_t* xi = xp + i * n;
+        scalar_t* vi = v + i * k;
+        if (!r) {
+          for (int64_t j = 0; j < k; ++j) vi[j] = xi[p[j]];
+          continue;
+        }
+        scalar_t* ri = r + rrow[i] * n;
+        for (int64_t j = 0; j < n; ++j) ri[j] = static_cast<scalar_t>(to_f(xi[j]) + to_f(ri[j]));
+        for (int64_t j = 0; j < k; ++j) {
+          vi[j] = ri[p[j]];
+          ri[p[j]] = static_cast<scalar_t>(0);
+        }
+      }
+    });
+  });
+  return {values, positions};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fedcomp, CPU, m) {
   m.impl("randk_positions", &randk_positions_cpu);
+  m.impl("randk_ef_rows", &randk_ef_rows_cpu);
   m.impl("topk_ef", &topk_ef_cpu);
   m.impl("topk_threshold_ef", &topk_threshold_ef_cpu);
   m.impl("sign_ef", &sign_ef_cpu);
