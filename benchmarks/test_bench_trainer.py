@@ -1,7 +1,8 @@
 """Trainer throughput: rounds per second for each algorithm x compressor on the default setting
 (embedded digits, MLP, 20 clients, 5 per round, K = 10), and the share of round time spent in
 compression (the fused ``*_ef`` ops and payload construction), on the wire (``to_bytes`` +
-``Payload.from_bytes``, which includes the CRC and validation) and in server decode + aggregation.
+``Payload.from_bytes``, which includes the CRC and validation) and in server decode + aggregation
+(DPPF's pull-push step, an algorithm step rather than compression, has its own column).
 
 Design target (section 5): compression adds < 5 % to a round's wall time. Each benchmark call runs
 10 rounds after 10 warm-up rounds (so FedSynSAM includes one synthetic-set refresh per call).
@@ -56,6 +57,7 @@ def test_rounds_per_second(benchmark, table, digits, algorithm, compressor):
             "compress+decode+aggregate",
             "local training",
             "distillation",
+            "pull-push (DPPF)",
         ],
         [
             algorithm,
@@ -68,6 +70,7 @@ def test_rounds_per_second(benchmark, table, digits, algorithm, compressor):
             share("compress", "aggregate"),
             share("local"),
             share("distill"),
+            share("algorithm"),
         ],
     )
 

@@ -148,7 +148,9 @@ class Trainer:
         self.state = RunState(round=0, w=w0.clone(), trajectory=[w0.clone()])
         if isinstance(self.uplink, fedcomp.ErrorFeedback):  # every client's residual in one buffer
             self.uplink.reserve(cfg.clients, self.state.w)
-        self.timings = {"local": 0.0, "compress": 0.0, "wire": 0.0, "aggregate": 0.0, "distill": 0.0, "eval": 0.0}
+        # seconds per part of the rounds: "aggregate" is the server's decode + aggregation (+ the
+        # broadcast's compression when the downlink is compressed), "algorithm" DPPF's pull-push
+        self.timings = dict.fromkeys(("local", "compress", "wire", "aggregate", "algorithm", "distill", "eval"), 0.0)
 
     # -- model helpers -------------------------------------------------------
     @property
@@ -298,11 +300,14 @@ class Trainer:
                 down += len(plan.clients) * broadcast.nbytes
             st.w.add_(update)
             st.u_prev = update
-            for c, model_c in result.finished.items():  # DPPF: pull toward the new mean, push to keep the spread
-                st.workers[c] = alg.pull_push(model_c, st.w, cfg.dppf_alpha, cfg.dppf_lambda)
         else:
             self.log(f"round {t + 1}: no client's update arrived intact; the global model is kept")
         self.timings["aggregate"] += time.perf_counter() - tic
+        tic = time.perf_counter()
+        if payloads:  # DPPF: pull each worker toward the new mean, push to keep the spread
+            for c, model_c in result.finished.items():
+                st.workers[c] = alg.pull_push(model_c, st.w, cfg.dppf_alpha, cfg.dppf_lambda)
+        self.timings["algorithm"] += time.perf_counter() - tic
         if payloads:
             st.trajectory.append(st.w.clone())
             del st.trajectory[: -cfg.syn_window]
