@@ -109,10 +109,10 @@ METRICS = [
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def paired(out: Path, grid_a: str, run_a: tuple, grid_b: str, run_b: tuple, key: str) -> list[float]:
-    """``a - b`` for every seed where both runs are finished and measured."""
+def paired(out: Path, grid_a: str, run_a: tuple, grid_b: str, run_b: tuple, key: str, seeds=MAIN_SEEDS) -> list[float]:
+    """``a - b`` for every seed of ``seeds`` where both runs are finished and measured."""
     diffs = []
-    for s in MAIN_SEEDS:
+    for s in seeds:
         x, y = _summary(out / grid_a, *run_a, s), _summary(out / grid_b, *run_b, s)
         if x.get(key) is not None and y.get(key) is not None:
             diffs.append(x[key] - y[key])
@@ -188,7 +188,7 @@ def report(out: Path, dest: Path) -> str:
             row = [label]
             for key, _, scale in METRICS:
                 s = sign if key == "mean_test_acc_last5" else (-sign if key != "valley_width" else sign)
-                row.append(cell(paired(out, g.name, a, g.name, b, key), scale, s))
+                row.append(cell(paired(out, g.name, a, g.name, b, key, done), scale, s))
             rows.append(row)
         parts.append(
             f"### {g.label} (seeds finished: {len(done)})\n\n"
@@ -204,8 +204,10 @@ def report(out: Path, dest: Path) -> str:
             if runs:
                 acc = statistics.fmean(100 * r["mean_test_acc_last5"] for r in runs)
                 lam = statistics.fmean(r["lambda_max"] for r in runs)
-                vs = cell(
-                    paired(out, grid, (a, "topk"), "alpha0.1", ("fedavg", "topk"), "mean_test_acc_last5"), 100.0, 0
+                vs = cell(  # over the sweep's seeds, also for the main grid's ρ = 0.05
+                    paired(out, grid, (a, "topk"), "alpha0.1", ("fedavg", "topk"), "mean_test_acc_last5", SUB_SEEDS),
+                    100.0,
+                    0,
                 )
                 rows.append([a, f"{rho:g}", str(len(runs)), f"{acc:.2f}", f"{lam:.2f}", vs])
     parts.append(
@@ -218,7 +220,11 @@ def report(out: Path, dest: Path) -> str:
             row = [g.label]
             for key, _, scale in METRICS:
                 row.append(
-                    cell(paired(out, g.name, ("fedsynsam", "topk"), "alpha0.1", ("fedsynsam", "topk"), key), scale, 0)
+                    cell(
+                        paired(out, g.name, ("fedsynsam", "topk"), "alpha0.1", ("fedsynsam", "topk"), key, g.seeds),
+                        scale,
+                        0,
+                    )
                 )
             rows.append(row)
     parts.append(

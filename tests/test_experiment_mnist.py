@@ -45,6 +45,9 @@ def test_paired_interval_and_agreement(tmp_path):
                 _write(tmp_path, "alpha0.1", "fedavg", c, s, mean_test_acc_last5=v)
     diffs = exp.paired(tmp_path, "alpha0.1", ("fedavg", "topk"), "alpha0.1", ("fedavg", "none"), "mean_test_acc_last5")
     assert diffs == pytest.approx([-0.02, -0.01, 0.01, -0.03])
+    sub = exp.paired(tmp_path, "alpha0.1", ("fedavg", "topk"), "alpha0.1", ("fedavg", "none"), "mean_test_acc_last5",
+                     exp.SUB_SEEDS)  # fmt: skip
+    assert sub == pytest.approx([-0.02, -0.01, 0.01])  # a sub-grid compares on its own seeds only
     m, lo, hi = exp.interval(diffs, 100.0)
     half = 3.182 * statistics.stdev(diffs) * 100 / math.sqrt(4)  # t(0.975, 3 degrees of freedom)
     assert m == pytest.approx(-1.25) and lo == pytest.approx(m - half) and hi == pytest.approx(m + half)
