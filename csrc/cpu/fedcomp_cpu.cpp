@@ -1093,7 +1093,8 @@ Tensor randk_positions_cpu(const Tensor& round_keys, int64_t k, int64_t n) {
 
 // randk_ef_rows: per row i, the positions of round_keys[i], a = x[i] + residual row (rounded
 // to x's dtype, stored in the row), values = a[positions], then the positions zeroed: the
-// rand-k compressor's steps in one call for all rows (one parallel region over rows).
+// rand-k compressor's steps in one call for all rows (one parallel region over rows, or over
+// the add when there are fewer rows than threads).
 std::tuple<Tensor, Tensor> randk_ef_rows_cpu(const Tensor& x, const std::optional<Tensor>& residual,
                                              const Tensor& round_keys, int64_t k, at::OptionalIntArrayRef rows) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fedcomp::randk_ef_rows: x must be 2-D contiguous");
@@ -1111,22 +1112,22 @@ std::tuple<Tensor, Tensor> randk_ef_rows_cpu(const Tensor& x, const std::optiona
     scalar_t* v = values.data_ptr<scalar_t>();
     int64_t* pos = positions.data_ptr<int64_t>();
     const int64_t* kp = keys.const_data_ptr<int64_t>();
-    at::parallel_for(0, m, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        int64_t* p = pos + i * k;
-        randk_positions_into(kp + 4 * i, k, n, p);
-        const scalar_t* xi = xp + i * n;
-        scalar_t* vi = v + i * k;
-        if (!r) {
-          for (int64_t j = 0; j < k; ++j) vi[j] = xi[p[j]];
-          continue;
-        }
-        scalar_t* ri = r + rrow[i] * n;
-        for (int64_t j = 0; j < n; ++j) ri[j] = static_cast<scalar_t>(to_f(xi[j]) + to_f(ri[j]));
-        for (int64_t j = 0; j < k; ++j) {
-          vi[j] = ri[p[j]];
-          ri[p[j]] = static_cast<scalar_t>(0);
-        }
+    for_rows(m, [&](int64_t i) {  // rows in parallel, or (fewer rows than threads) the add
+      int64_t* p = pos + i * k;
+      randk_positions_into(kp + 4 * i, k, n, p);
+      const scalar_t* xi = xp + i * n;
+      scalar_t* vi = v + i * k;
+      if (!r) {
+        for (int64_t j = 0; j < k; ++j) vi[j] = xi[p[j]];
+        return;
+      }
+      scalar_t* ri = r + rrow[i] * n;
+      for_chunks(n, kChunk, [&](int64_t, int64_t b, int64_t e) {
+        for (int64_t j = b; j < e; ++j) ri[j] = static_cast<scalar_t>(to_f(xi[j]) + to_f(ri[j]));
+      });
+      for (int64_t j = 0; j < k; ++j) {
+        vi[j] = ri[p[j]];
+        ri[p[j]] = static_cast<scalar_t>(0);
       }
     });
   });
