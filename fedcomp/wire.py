@@ -381,9 +381,9 @@ class Payload:
         Args:
             out: ``[numel]`` float32 on the payload's device.
         """
-        ops._check_accumulator(out, self.sections[0])
-        if out.numel() != self.numel or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous tensor of {self.numel} entries; got shape {tuple(out.shape)}")
+        ops._check_accumulator(out, self.sections[0])  # a contiguous 1-D fp32 tensor on the payload's device
+        if out.numel() != self.numel:
+            raise ValueError(f"out must have {self.numel} entries; got {out.numel()}")
         _backend.backend_for(out.device.type)
         return self._accumulate(out, ops._check_alpha(alpha))
 
