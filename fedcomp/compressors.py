@@ -216,13 +216,13 @@ class RandK(_Seeded):
         return {"k": _count(self.ratio, numel), "seed": 0}
 
     def _encode(self, x, residual):
-        return self._encode_rows(x[None], None if residual is None else residual[None], [0])[0]
+        return self._encode_rows(x[None], None if residual is None else residual[None], None)[0]
 
     def _encode_rows(self, x, residual, rows):
         n = x.shape[1]
         k = _count(self.ratio, n)
         seeds = [self._next_seed() for _ in range(x.shape[0])]
-        values, positions = ops.randk_ef(x, residual, k, seeds, rows=None if residual is None else rows)
+        values, positions = ops.randk_ef(x, residual, k, seeds, rows=rows)
         if positions.device.type == "cpu":  # a receiver in this process (a simulation) reuses them
             for s, p in zip(seeds, positions):
                 _positions(s, k, n, p)
