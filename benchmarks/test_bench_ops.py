@@ -51,6 +51,11 @@ def _ops(n: int, x, r):
             "reference": lambda: reference.topk_ef(x, r, k),
             "composite": lambda: bench.composite_topk_ef(x, r, k),
         },
+        "randk_ef": {
+            "cpu": lambda: fedcomp.randk_ef(x, r, k, 7),
+            "reference": lambda: reference.randk_ef_rows(x[None], r[None], fedcomp.wire.round_keys([7]), k),
+            "composite": lambda: bench.composite_randk_ef(x, r, k),
+        },
         "sign_ef": {
             "cpu": lambda: fedcomp.sign_ef(x, r),
             "reference": lambda: reference.sign_ef(x, r, n, False),

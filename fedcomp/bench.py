@@ -42,6 +42,16 @@ def composite_topk_ef(x: Tensor, residual: Tensor, k: int):
     return values, indices
 
 
+def composite_randk_ef(x: Tensor, residual: Tensor, k: int):
+    """Rand-k with error feedback as GRACE-style libraries write it (``torch.randperm`` positions)."""
+    a = x + residual
+    indices = torch.randperm(a.numel(), device=a.device)[:k]
+    values = a[indices]
+    residual.copy_(a)
+    residual[indices] = 0
+    return values, indices
+
+
 def composite_sign_ef(x: Tensor, residual: Tensor, k: int | None = None):
     a = x + residual
     scale = a.abs().mean()
