@@ -23,20 +23,28 @@ import numbers
 import torch
 from torch import Tensor
 
-from . import ops
-from .wire import Payload, _positions, index_dtype_for, splitmix64, wire_nbytes
+from . import _backend, ops
+from .wire import Payload, _positions, index_dtype_for, round_keys, splitmix64, wire_nbytes
 
 __all__ = ["Compressor", "Identity", "TopK", "RandK", "Sign", "QSGD", "ErrorFeedback", "EF21"]
 
 
 def _flat_input(x) -> Tensor:
+    return _checked(x).reshape(-1)
+
+
+def _checked(x) -> Tensor:
+    """``x`` checked once for the ops (a contiguous float tensor on a device a backend serves),
+    detached: the compressors then call the registered ops directly (``ops._ops``), with
+    arguments they have validated themselves, and build payloads with ``Payload._trusted``."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
     if x.dtype not in ops.FLOAT_DTYPES:
         raise TypeError(f"x must have dtype float32, float16 or bfloat16; got {x.dtype}")
     if not x.is_contiguous():
         raise ValueError("x must be contiguous; call .contiguous() first")
-    return x.detach().reshape(-1)
+    _backend.backend_for(x.device.type)
+    return x.detach()
 
 
 def _ratio(ratio) -> float:
@@ -110,7 +118,7 @@ class Identity(Compressor):
         else:
             values = x + residual
             residual.zero_()
-        return Payload("identity", x.dtype, x.numel(), {}, (values,))
+        return Payload._trusted("identity", x.dtype, x.numel(), {}, (values,))
 
 
 class TopK(Compressor):
@@ -150,13 +158,14 @@ class TopK(Compressor):
         if self.segments is not None:
             return super()._encode_rows(x, residual, rows)
         n = x.shape[1]
-        values, indices = ops.topk_ef(x, residual, _count(self.ratio, n), index_dtype=index_dtype_for(n), rows=rows)
-        return [Payload("topk", x.dtype, n, {"k": v.numel()}, (v, i)) for v, i in zip(values, indices)]
+        k = _count(self.ratio, n)
+        values, indices = ops._ops.topk_ef_rows(x, residual, k, index_dtype_for(n), rows)
+        return [Payload._trusted("topk", x.dtype, n, {"k": k}, (v, i)) for v, i in zip(values, indices)]
 
     def _encode(self, x, residual):
         n, idx_dtype = x.numel(), index_dtype_for(x.numel())
         if self.segments is None:
-            values, indices = ops.topk_ef(x, residual, _count(self.ratio, n), index_dtype=idx_dtype)
+            values, indices = ops._ops.topk_ef(x, residual, _count(self.ratio, n), idx_dtype)
         else:
             vals, idxs, off = [], [], 0
             for size in self._segments(n):
@@ -166,7 +175,7 @@ class TopK(Compressor):
                 idxs.append(i + off)
                 off += size
             values, indices = torch.cat(vals), torch.cat(idxs).to(idx_dtype)
-        return Payload("topk", x.dtype, n, {"k": values.numel()}, (values, indices))
+        return Payload._trusted("topk", x.dtype, n, {"k": values.numel()}, (values, indices))
 
     def __repr__(self) -> str:
         per = ", per-tensor" if self.segments is not None else ""
@@ -222,11 +231,11 @@ class RandK(_Seeded):
         n = x.shape[1]
         k = _count(self.ratio, n)
         seeds = [self._next_seed() for _ in range(x.shape[0])]
-        values, positions = ops.randk_ef(x, residual, k, seeds, rows=rows)
+        values, positions = ops._ops.randk_ef_rows(x, residual, round_keys(seeds), k, rows)
         if positions.device.type == "cpu":  # a receiver in this process (a simulation) reuses them
             for s, p in zip(seeds, positions):
                 _positions(s, k, n, p)
-        return [Payload("randk", x.dtype, n, {"k": k, "seed": s}, (v,)) for s, v in zip(seeds, values)]
+        return [Payload._trusted("randk", x.dtype, n, {"k": k, "seed": s}, (v,)) for s, v in zip(seeds, values)]
 
     def __repr__(self) -> str:
         return f"RandK(ratio={self.ratio}, seed={self.seed})"
@@ -253,13 +262,13 @@ class Sign(Compressor):
 
     def _encode(self, x, residual):
         params = self._params(x.numel())
-        packed, scales = ops.sign_ef(x, residual, params["block"], self.scale)
-        return Payload("sign", x.dtype, x.numel(), params, (packed, scales))
+        packed, scales = ops._ops.sign_ef(x, residual, params["block"], self.scale == "l2")
+        return Payload._trusted("sign", x.dtype, x.numel(), params, (packed, scales))
 
     def _encode_rows(self, x, residual, rows):
         params = self._params(x.shape[1])
-        packed, scales = ops.sign_ef(x, residual, params["block"], self.scale, rows=rows)
-        return [Payload("sign", x.dtype, x.shape[1], params, (p, s)) for p, s in zip(packed, scales)]
+        packed, scales = ops._ops.sign_ef_rows(x, residual, params["block"], self.scale == "l2", rows)
+        return [Payload._trusted("sign", x.dtype, x.shape[1], params, (p, s)) for p, s in zip(packed, scales)]
 
     def __repr__(self) -> str:
         return f"Sign(block={self.block}, scale={self.scale!r})"
@@ -286,8 +295,8 @@ class QSGD(_Seeded):
 
     def _encode(self, x, residual):
         params = self._params(x.numel())
-        packed, norms = ops.qsgd(x, residual, self.levels, params["bucket"], seed=self._next_seed())
-        return Payload("qsgd", x.dtype, x.numel(), params, (packed, norms))
+        packed, norms = ops._ops.qsgd(x, residual, self.levels, params["bucket"], self._next_seed())
+        return Payload._trusted("qsgd", x.dtype, x.numel(), params, (packed, norms))
 
     def __repr__(self) -> str:
         return f"QSGD(levels={self.levels}, bucket={self.bucket}, seed={self.seed})"
@@ -458,7 +467,7 @@ class ErrorFeedback(_Stateful):
         keys = [_check_key(k) for k in keys]
         if len(keys) != x.shape[0] or len(set(keys)) != len(keys):
             raise ValueError(f"keys must be {x.shape[0]} distinct keys, one per row of x; got {keys!r}")
-        x = x.detach().contiguous()
+        x = _checked(x.contiguous())
         residuals = [self._residual(k, x) for k in keys]
         if type(self.compressor)._encode_rows is Compressor._encode_rows or x.shape[1] >= _ROWS_BATCH_BELOW:
             return [self.compressor._encode(x[i], r) for i, r in enumerate(residuals)]

@@ -40,6 +40,10 @@ def test_round_trip_is_exact_and_nbytes_is_the_wire_size(backend, make, n, dtype
     comp = compressors()[make]
     x, _ = make_input(n, dtype, seed=n)
     p = comp.compress(x)
+    # compressors skip the constructor's checks (Payload._trusted); what they make passes them
+    _same_payload(fedcomp.Payload(p.kind, p.dtype, p.numel, p.params, p.sections), p)
+    for q in fedcomp.ErrorFeedback(comp).compress_many(torch.stack([x, x]), ["a", "b"]):
+        fedcomp.Payload(q.kind, q.dtype, q.numel, q.params, q.sections)
     wire = p.to_bytes()
     assert len(wire) == p.nbytes == comp.wire_bytes(n, dtype)
     q = fedcomp.Payload.from_bytes(wire)
@@ -212,6 +216,11 @@ def test_wrappers_reject_bad_input():
         (lambda: fedcomp.TopK(0.1).compress([1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
         (lambda: fedcomp.TopK(0.1).compress(torch.zeros(4, dtype=torch.int32)), TypeError, "x must have dtype"),
         (lambda: fedcomp.TopK(0.1).compress(torch.zeros(4, 4).t()), ValueError, "x must be contiguous"),
+        (
+            lambda: fedcomp.ErrorFeedback(fedcomp.Sign()).compress_many(torch.zeros(2, 4, dtype=torch.int64), "ab"),
+            TypeError,
+            "x must have dtype",
+        ),
         (lambda: fedcomp.TopK(0.1, segments=[3, 3]).compress(torch.zeros(7)), ValueError, "segments sum to 6"),
     ],
 )
