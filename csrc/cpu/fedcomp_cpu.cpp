@@ -28,6 +28,10 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kChunk = 1 << 16;  // elements per work item
+// Work items of the decodes (sign/qsgd decode and accumulate), whose entries are independent
+// (any split gives the same bits): small enough that one client's model of a few 10^4
+// entries, aggregated on the server, already spreads over the threads.
+constexpr int64_t kDecodeChunk = 1 << 13;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -787,7 +791,7 @@ void dequantize_blocks(const uint8_t* packed, const float* scales, int64_t n, in
                        const Policy& p, const Store& store) {
   const int w = p.bits();
   const uint32_t mask = (1u << w) - 1u;
-  for_chunks(n, kChunk, [&](int64_t, int64_t b, int64_t e) {
+  for_chunks(n, kDecodeChunk, [&](int64_t, int64_t b, int64_t e) {
     const Store out = store;  // a local copy: its pointer and alpha stay in registers
     const uint8_t* in = packed + ((b * w) >> 3);
     int skip = static_cast<int>((b * w) & 7), nacc = 0;
