@@ -154,6 +154,69 @@ def claim_rows() -> list[tuple[str, tuple, tuple, int]]:
     return rows
 
 
+FOREST = METRICS[:2]  # the claims plot: accuracy and λ_max
+
+
+def plot_claims(effects: dict, path: Path) -> Path:
+    """Forest plot of the claims: per claim row, the paired difference's mean and 95 % interval,
+    one panel per metric of :data:`FOREST`, one colour per grid.
+
+    ``effects``: grid label -> metric key -> ``[(row label, diffs)]`` (rows in the same order
+    for every grid and metric)."""
+    from fedsynsam.plots import _pyplot
+
+    plt = _pyplot()
+    labels = [row for row, _ in next(iter(effects.values()))[FOREST[0][0]]]
+    fig, axes = plt.subplots(1, len(FOREST), figsize=(11, 0.4 * len(labels) + 1.4), dpi=120, sharey=True)
+    for ax, (key, name, scale) in zip(axes, FOREST):
+        for j, (grid, by_key) in enumerate(effects.items()):
+            first = True
+            for i, (_, diffs) in enumerate(by_key[key]):
+                if not diffs:
+                    continue
+                m, lo, hi = interval(diffs, scale)
+                err = None if math.isnan(lo) else [[m - lo], [hi - m]]
+                y = i + (j - (len(effects) - 1) / 2) * 0.3
+                ax.errorbar(m, y, xerr=err, fmt="o", color=f"C{j}", ms=4, capsize=2, label=grid if first else None)
+                first = False
+        ax.axvline(0, color="0.5", linewidth=0.8)
+        ax.set_xlabel(f"paired difference, {name} (mean, 95 % interval)")
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
+    axes[0].invert_yaxis()
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_sweep(points: dict, baseline: tuple | None, path: Path) -> Path:
+    """The ρ sweep: accuracy and λ_max against ρ, one line per algorithm.
+
+    ``points``: algorithm -> ``[(ρ, accuracy %, λ_max)]``; ``baseline``: FedAvg top-k's
+    ``(accuracy %, λ_max)`` on the same seeds (a dashed line), or ``None``."""
+    from fedsynsam.plots import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    for col, (ax, name) in enumerate(zip(axes, ("last-5 accuracy (%)", "λ_max"))):
+        for a, pts in points.items():
+            pts = sorted(pts)
+            ax.plot([p[0] for p in pts], [p[1 + col] for p in pts], "o-", label=a, linewidth=1.4, ms=4)
+        if baseline is not None:
+            ax.axhline(baseline[col], color="0.4", linestyle="--", linewidth=1, label="fedavg (ρ = 0)")
+        ax.set_xscale("log")
+        ax.set_xlabel("ρ")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def _table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -163,7 +226,7 @@ def report(out: Path, dest: Path) -> str:
     from fedsynsam.compare import run_grid
 
     dest.mkdir(parents=True, exist_ok=True)
-    parts = []
+    parts, effects, points = [], {}, {}
     for g in GRIDS[:2]:
         done = [
             s
@@ -183,12 +246,15 @@ def report(out: Path, dest: Path) -> str:
             ):
                 if (out / g.name / name).is_file():
                     shutil.copy(out / g.name / name, dest / f"{g.name}-{name}")
-        rows = []
+        rows, by_key = [], effects.setdefault(g.label, {key: [] for key, _, _ in FOREST})
         for label, a, b, sign in claim_rows():
             row = [label]
             for key, _, scale in METRICS:
                 s = sign if key == "mean_test_acc_last5" else (-sign if key != "valley_width" else sign)
-                row.append(cell(paired(out, g.name, a, g.name, b, key, done), scale, s))
+                diffs = paired(out, g.name, a, g.name, b, key, done)
+                row.append(cell(diffs, scale, s))
+                if key in by_key:
+                    by_key[key].append((label, diffs))
             rows.append(row)
         parts.append(
             f"### {g.label} (seeds finished: {len(done)})\n\n"
@@ -210,6 +276,7 @@ def report(out: Path, dest: Path) -> str:
                     0,
                 )
                 rows.append([a, f"{rho:g}", str(len(runs)), f"{acc:.2f}", f"{lam:.2f}", vs])
+                points.setdefault(a, []).append((rho, acc, lam))
     parts.append(
         "### ρ sweep (top-k 1 % + EF, α = 0.1, seeds 0–2)\n\n"
         + _table(["algorithm", "ρ", "seeds", "accuracy %", "λ_max", "accuracy − FedAvg top-k (pp)"], rows)
@@ -231,6 +298,17 @@ def report(out: Path, dest: Path) -> str:
         "### FedSynSAM ablations (top-k 1 % + EF, α = 0.1, seeds 0–2): variant − default\n\n"
         + _table(["variant (default: 10 per class, refresh every 10, client ε)"] + [m[1] for m in METRICS], rows)
     )
+    plot_claims(effects, dest / "claims.png")
+    base = [_summary(out / "alpha0.1", "fedavg", "topk", s) for s in SUB_SEEDS]
+    base = [r for r in base if "lambda_max" in r]
+    if points:
+        baseline = None
+        if base:
+            baseline = (
+                statistics.fmean(100 * r["mean_test_acc_last5"] for r in base),
+                statistics.fmean(r["lambda_max"] for r in base),
+            )
+        plot_sweep(points, baseline, dest / "rho_sweep.png")
     text = "\n\n".join(parts) + "\n"
     (dest / "claims.md").write_text(text)
     return text

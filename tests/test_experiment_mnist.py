@@ -54,3 +54,13 @@ def test_paired_interval_and_agreement(tmp_path):
     assert exp.cell(diffs, 100.0, -1).endswith(" 3/4")  # three seeds lower, as claimed
     assert exp.cell([], 100.0, -1) == "n/a"
     assert math.isnan(exp.interval([0.5], 1.0)[1])
+
+
+def test_claims_and_sweep_plots_are_written(tmp_path):
+    rows = [("1: a − b", [-0.01, -0.02, -0.015]), ("2: c − d", [0.3]), ("3: e − f", [])]  # 3, 1 and 0 seeds
+    effects = {g: {key: rows for key, _, _ in exp.FOREST} for g in ("α = 0.1", "α = 0.5")}
+    claims = exp.plot_claims(effects, tmp_path / "claims.png")
+    points = {"fedsam": [(0.1, 94.0, 7.0), (0.01, 94.5, 9.0)], "fedsynsam": [(0.05, 94.8, 11.0)]}
+    sweep = exp.plot_sweep(points, (94.6, 12.7), tmp_path / "rho_sweep.png")
+    for path in (claims, sweep):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
