@@ -149,6 +149,8 @@ def claim_rows() -> list[tuple[str, tuple, tuple, int]]:
         rows.append((f"3: FedSynSAM − FedAvg, both {c}", ("fedsynsam", c), ("fedavg", c), +1))
         rows.append((f"3: FedSynSAM − FedLESAM, both {c}", ("fedsynsam", c), ("fedlesam", c), +1))
         rows.append((f"3: FedSynSAM − MoFedSAM, both {c}", ("fedsynsam", c), ("mofedsam", c), +1))
+    for c in ("topk", "sign"):  # "recovers": compressed FedSynSAM against uncompressed FedAvg
+        rows.append((f"3: FedSynSAM {c} − FedAvg none", ("fedsynsam", c), ("fedavg", "none"), +1))
     for c in COMPRESSORS:
         rows.append((f"ref: FedSAM − FedAvg, both {c}", ("fedsam", c), ("fedavg", c), 0))
     return rows
