@@ -87,11 +87,19 @@ def run(out: Path, jobs: int) -> None:
     # seed-major across the main grids first, so that early stops still give paired results
     ranked = [((not g.name.startswith("alpha"), u[2], i), (g.name, *u)) for i, g in enumerate(GRIDS) for u in g.units]
     todo = [t for _, t in sorted(ranked, key=lambda r: r[0]) if "lambda_max" not in _summary(out / t[0], *t[1:])]
+    failed = []
     with ProcessPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(todo), desc="runs", unit="run") as bar:
-        futures = [pool.submit(_one, str(out), *t) for t in todo]
+        futures = {pool.submit(_one, str(out), *t): t for t in todo}
         for f in as_completed(futures):
-            bar.set_postfix_str(f.result())
+            grid, a, c, s = futures[f]
+            try:
+                bar.set_postfix_str(f.result())
+            except Exception as e:  # one run's failure must not hide (or stop) the others
+                failed.append(f"{grid}/{a}-{c}-s{s}: {type(e).__name__}: {e}")
+                tqdm.write(f"FAILED {failed[-1]}", file=sys.stderr)
             bar.update()
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed:\n" + "\n".join(failed))
 
 
 def _summary(grid_dir: Path, a: str, c: str, s: int) -> dict:

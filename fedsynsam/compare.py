@@ -76,6 +76,10 @@ def run_grid(
             runner(cfg, run_dir)
         else:
             resume = any((run_dir / name).is_file() for name in (CHECKPOINT, PREVIOUS))
+            if not resume and (run_dir / "metrics.jsonl").is_file():
+                # stopped before its first checkpoint: nothing to resume from, so it starts over
+                # (the trainer refuses to write over a run's metrics unless told to resume)
+                (run_dir / "metrics.jsonl").unlink()
             # one bar per run only on a terminal: nested bars garble logs and CI output
             Trainer(cfg, run_dir, dataset=data).run(resume=resume, progress=progress and sys.stderr.isatty())
         if sharpness and "lambda_max" not in json.loads(summary.read_text()):

@@ -208,3 +208,13 @@ def test_compare_grid_end_to_end_and_restart(tmp_path, capsys):
     assert main(argv) == 0  # everything finished: nothing reruns
     assert (out / "fedavg-none-s0" / "summary.json").stat().st_mtime_ns == stamp
     assert "| fedsynsam | topk |" in capsys.readouterr().out
+    # a run stopped before its first checkpoint (metrics written, no checkpoint, no summary)
+    # starts over on the next call, as if it had never begun, instead of refusing the folder
+    run = out / "fedavg-topk-s1"
+    want = (run / "summary.json").read_text()
+    for name in ("summary.json", "checkpoint.pt", "checkpoint.prev.pt"):
+        (run / name).unlink(missing_ok=True)
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    assert main(argv) == 0
+    got, old = json.loads((run / "summary.json").read_text()), json.loads(want)
+    assert got["final_test_acc"] == old["final_test_acc"] and got["rounds"] == old["rounds"] == 3
