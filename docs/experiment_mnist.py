@@ -143,6 +143,8 @@ def cell(diffs: list[float], scale: float, sign: int) -> str:
     m, lo, hi = interval(diffs, scale)
     digits = 3 if abs(m) < 0.1 else 2
     agree = f" {sum(d * sign > 0 for d in diffs)}/{len(diffs)}" if sign else f" n={len(diffs)}"
+    if math.isnan(lo):  # one seed: no interval
+        return f"{m:+.{digits}f}{agree}"
     return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{agree}"
 
 

@@ -53,6 +53,7 @@ def test_paired_interval_and_agreement(tmp_path):
     assert m == pytest.approx(-1.25) and lo == pytest.approx(m - half) and hi == pytest.approx(m + half)
     assert exp.cell(diffs, 100.0, -1).endswith(" 3/4")  # three seeds lower, as claimed
     assert exp.cell([], 100.0, -1) == "n/a"
+    assert exp.cell([0.004], 100.0, 0) == "+0.40 n=1"  # one seed: the mean, no interval
     assert math.isnan(exp.interval([0.5], 1.0)[1])
 
 
