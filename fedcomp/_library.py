@@ -42,6 +42,10 @@ SCHEMAS = {
     "sign_decode": "sign_decode(Tensor packed, Tensor scales, int numel, int block) -> Tensor",
     "sign_majority": "sign_majority(Tensor packed_stack) -> Tensor",
     "qsgd": "qsgd(Tensor x, Tensor(a!)? residual, int levels, int bucket, int seed) -> (Tensor, Tensor)",
+    "qsgd_rows": (
+        "qsgd_rows(Tensor x, Tensor(a!)? residual, int levels, int bucket, int[] seeds, int[]? rows=None) "
+        "-> (Tensor, Tensor)"
+    ),
     "qsgd_decode": "qsgd_decode(Tensor packed, Tensor norms, int numel, int levels, int bucket) -> Tensor",
     "sparse_accumulate": "sparse_accumulate(Tensor(a!) out, Tensor indices, Tensor values, float alpha) -> ()",
     "sign_accumulate": "sign_accumulate(Tensor(a!) out, Tensor packed, Tensor scales, int block, float alpha) -> ()",
@@ -95,6 +99,13 @@ def _(x, residual, levels, bucket, seed):
     n = x.numel()
     nbytes = (n * reference.qsgd_bits(levels) + 7) // 8
     return x.new_empty(nbytes, dtype=torch.uint8), x.new_empty(_nblocks(n, bucket), dtype=torch.float32)
+
+
+@torch.library.register_fake("fedcomp::qsgd_rows")
+def _(x, residual, levels, bucket, seeds, rows=None):
+    m, n = x.shape
+    nbytes = (n * reference.qsgd_bits(levels) + 7) // 8
+    return x.new_empty((m, nbytes), dtype=torch.uint8), x.new_empty((m, _nblocks(n, bucket)), dtype=torch.float32)
 
 
 @torch.library.register_fake("fedcomp::qsgd_decode")

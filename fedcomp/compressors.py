@@ -77,9 +77,21 @@ class Compressor:
     def _encode(self, x: Tensor, residual: Tensor | None) -> Payload:
         raise NotImplementedError
 
-    def _encode_rows(self, x: Tensor, residual: Tensor, rows: list[int]) -> list[Payload]:
+    def compress_many(self, x: Tensor) -> list[Payload]:
+        """Compress each row of ``x`` ``[m, n]`` (no error feedback): the same payloads, to the
+        bit, as ``[compress(x[i]) for i in range(m)]``, in one batched call where the
+        compressor has one (sign and QSGD; for QSGD the rows' seeds are drawn in row order)."""
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] < 1:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be a [clients >= 1, n] tensor; got {shape}")
+        return self._encode_rows(_checked(x.contiguous()), None, None)
+
+    def _encode_rows(self, x: Tensor, residual: Tensor | None, rows: list[int] | None) -> list[Payload]:
         """``_encode`` of each row ``i`` of ``x [m, n]`` with row ``rows[i]`` of ``residual [K, n]``
-        (updated in place); compressors with a batched op override it with one call."""
+        (updated in place; ``None``: no error feedback); compressors with a batched op override
+        it with one call."""
+        if residual is None:
+            return [self._encode(x[i], None) for i in range(x.shape[0])]
         return [self._encode(x[i], residual[j]) for i, j in enumerate(rows)]
 
     def _params(self, numel: int) -> dict:
@@ -297,6 +309,12 @@ class QSGD(_Seeded):
         params = self._params(x.numel())
         packed, norms = ops._ops.qsgd(x, residual, self.levels, params["bucket"], self._next_seed())
         return Payload._trusted("qsgd", x.dtype, x.numel(), params, (packed, norms))
+
+    def _encode_rows(self, x, residual, rows):
+        params = self._params(x.shape[1])
+        seeds = [self._next_seed() for _ in range(x.shape[0])]
+        packed, norms = ops._ops.qsgd_rows(x, residual, self.levels, params["bucket"], seeds, rows)
+        return [Payload._trusted("qsgd", x.dtype, x.shape[1], params, (p, n)) for p, n in zip(packed, norms)]
 
     def __repr__(self) -> str:
         return f"QSGD(levels={self.levels}, bucket={self.bucket}, seed={self.seed})"

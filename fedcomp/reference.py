@@ -212,12 +212,13 @@ def sign_ef(x: Tensor, residual: Tensor | None, block: int, l2: bool):
     return pack_codes(bits, 1), scales
 
 
-def apply_rows(op, x: Tensor, residual: Tensor | None, *args, rows=None):
+def apply_rows(op, x: Tensor, residual: Tensor | None, *args, rows=None, per_row=None):
     """Apply a 1-D op to each row of ``x`` ``[m, n]`` (with its residual row, a view updated in
     place: row ``i``, or row ``rows[i]`` of a ``[K, n]`` residual) and stack each output: the
-    batched ops' semantics, row by row."""
+    batched ops' semantics, row by row. ``per_row[i]``, when given, is row ``i``'s last argument."""
     rows = range(x.shape[0]) if rows is None else rows
-    outs = [op(x[i], None if residual is None else residual[j], *args) for i, j in enumerate(rows)]
+    last = (lambda i: ()) if per_row is None else (lambda i: (per_row[i],))
+    outs = [op(x[i], None if residual is None else residual[j], *args, *last(i)) for i, j in enumerate(rows)]
     return tuple(torch.stack(parts) for parts in zip(*outs))
 
 
@@ -290,6 +291,13 @@ def qsgd(x: Tensor, residual: Tensor | None, levels: int, bucket: int, seed: int
     if residual is not None:
         residual.copy_(a - _qsgd_values(codes, norms, n, levels, bucket))
     return pack_codes(codes, qsgd_bits(levels)), norms
+
+
+
+def qsgd_rows(x: Tensor, residual: Tensor | None, levels: int, bucket: int, seeds, rows=None):
+    """:func:`qsgd` on each row ``i`` of ``x [m, n]`` with seed ``seeds[i]`` (through the
+    dispatcher, so each row runs on its device's kernel): ``(packed [m, nbytes], norms [m, nb])``."""
+    return apply_rows(torch.ops.fedcomp.qsgd, x, residual, levels, bucket, rows=rows, per_row=seeds)
 
 
 def _qsgd_values(codes: Tensor, norms: Tensor, numel: int, levels: int, bucket: int) -> Tensor:

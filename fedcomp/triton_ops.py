@@ -41,6 +41,7 @@ __all__ = [
     "qsgd_accumulate_triton",
     "topk_ef_rows_triton",
     "sign_ef_rows_triton",
+    "qsgd_rows_triton",
     "LAUNCH_CONFIGS",
 ]
 
@@ -645,6 +646,10 @@ def topk_ef_rows_triton(x: Tensor, residual: Tensor | None, k: int, index_dtype:
 
 def sign_ef_rows_triton(x: Tensor, residual: Tensor | None, block: int, l2: bool, rows=None):
     return apply_rows(sign_ef_triton, x, residual, block, l2, rows=rows)
+
+
+def qsgd_rows_triton(x: Tensor, residual: Tensor | None, levels: int, bucket: int, seeds, rows=None):
+    return apply_rows(qsgd_triton, x, residual, levels, bucket, rows=rows, per_row=seeds)
 
 
 def randk_ef_rows_triton(x: Tensor, residual: Tensor | None, round_keys: Tensor, k: int, rows=None):

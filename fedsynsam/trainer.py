@@ -229,7 +229,7 @@ class Trainer:
 
     def run_clients(self, plan: RoundPlan) -> RoundResult:
         """Every sampled client in this process: local steps, then all updates compressed together
-        (one batched op for top-k and sign with error feedback), each payload through the bytes."""
+        (one batched op per round for every fedcomp compressor), each payload through the bytes."""
         cfg, st = self.cfg, self.state
         perturbation, momentum = perturbation_for(cfg, plan, self.spec), momentum_for(cfg, plan, self.spec)
         losses, down, finished = [], 0, {}
@@ -259,6 +259,8 @@ class Trainer:
         keys = [f"client{c}" for c in plan.clients]
         if isinstance(self.uplink, fedcomp.ErrorFeedback):  # one batched op (the same bits as one by one)
             sent = self.uplink.compress_many(deltas, keys)
+        elif isinstance(self.uplink, fedcomp.Compressor):  # no error feedback: batched too
+            sent = self.uplink.compress_many(deltas)
         else:
             sent = [compress_one(self.uplink, d, key, st.w) for d, key in zip(deltas, keys)]
         tic3 = time.perf_counter()

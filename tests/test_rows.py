@@ -61,6 +61,29 @@ def test_sign_ef_rows_equal_separate_calls(backend, m, n, dtype, block):
     assert_same(packed, p_ref, "bits vs reference")
 
 
+@pytest.mark.parametrize("levels, bucket", [(1, 8), (4, 512), (127, 100)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", ROW_SIZES)
+@pytest.mark.parametrize("m", [1, 3, 5])
+def test_qsgd_rows_equal_separate_calls(backend, m, n, dtype, levels, bucket):
+    x, _ = _stack(m, n, dtype, seed=n + 2)
+    slab = make_input(7 * n, dtype, seed=5)[0].reshape(7, n)
+    rows, seeds = [6, 0, 3, 2, 5][:m], [(1 << 62) + 17 * i for i in range(m)]
+    for residual, r_rows in ((None, None), (slab.clone(), rows)):
+        packed, norms = torch.ops.fedcomp.qsgd_rows(x, residual, levels, bucket, seeds, r_rows)
+        r_one = None if residual is None else slab.clone()
+        for i in range(m):
+            ri = None if r_one is None else r_one[rows[i]]
+            p, s = fedcomp.qsgd(x[i], ri, levels, bucket, seed=seeds[i])
+            assert_same(packed[i], p, f"codes row {i}")
+            assert_same(norms[i], s, f"norms row {i}")
+            ri_ref = None if residual is None else slab[rows[i]].clone()
+            p_ref, _ = reference.qsgd(x[i], ri_ref, levels, bucket, seeds[i])
+            assert_same(packed[i], p_ref, f"codes row {i} vs reference")
+        if residual is not None:
+            assert_same(residual, r_one, "residual slab (rows not named untouched)")
+
+
 def test_rows_do_not_depend_on_the_thread_count(backend):
     x, r = _stack(6, 70_001, torch.float32)
     before = torch.get_num_threads()
@@ -69,7 +92,8 @@ def test_rows_do_not_depend_on_the_thread_count(backend):
         torch.set_num_threads(threads)
         try:
             r1 = r.clone()
-            outs.append((*fedcomp.topk_ef(x, r1, 700), *fedcomp.sign_ef(x, r1.clone(), 64), r1))
+            quantized = torch.ops.fedcomp.qsgd_rows(x, r1.clone(), 4, 512, list(range(6)))
+            outs.append((*fedcomp.topk_ef(x, r1, 700), *fedcomp.sign_ef(x, r1.clone(), 64), *quantized, r1))
         finally:
             torch.set_num_threads(before)
     for other in outs[1:]:
@@ -142,6 +166,12 @@ def test_compress_many_equals_one_call_per_client(backend, make, n):
             assert a.to_bytes() == b.to_bytes()
         for k in keys:
             assert_same(batched.residual(k), single.residual(k), f"residual {k}")
+    plain, alone = make(n), make(n)  # no error feedback: Compressor.compress_many
+    for step in range(2):
+        many = plain.compress_many(x * (step + 1))
+        assert [p.to_bytes() for p in many] == [alone.compress(x[i] * (step + 1)).to_bytes() for i in range(4)]
+    with pytest.raises(ValueError, match=r"x must be a \[clients >= 1, n\] tensor"):
+        plain.compress_many(x[0])
     with pytest.raises(ValueError, match="keys must be 4 distinct keys"):
         batched.compress_many(x, ["a", "a", "b", "c"])
     with pytest.raises(ValueError, match=r"x must be a \[clients >= 1, n\] tensor"):
@@ -155,6 +185,8 @@ def test_rows_opcheck(backend):
     slab = torch.randn(5, 1000)
     torch.library.opcheck(torch.ops.fedcomp.topk_ef_rows.default, (x, slab.clone(), 10, torch.int32, [4, 0, 2]))
     torch.library.opcheck(torch.ops.fedcomp.sign_ef_rows.default, (x, slab.clone(), 64, False, [1, 3, 0]))
+    torch.library.opcheck(torch.ops.fedcomp.qsgd_rows.default, (x, None, 4, 128, [5, 6, 7]))
+    torch.library.opcheck(torch.ops.fedcomp.qsgd_rows.default, (x, slab.clone(), 4, 128, [5, 6, 7], [2, 4, 0]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

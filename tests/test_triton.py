@@ -193,3 +193,8 @@ def test_rows_pick_rows_of_a_shared_residual():
     p2, _ = reference.sign_ef_rows(x, r2, 64, False, rows)
     assert_same(p1, p2, "sign bits")
     torch.testing.assert_close(r1, r2, rtol=1e-6, atol=0)
+    q1, n1 = T.qsgd_rows_triton(x, None, 4, 128, [7, 8], None)
+    for i, seed in enumerate([7, 8]):  # each row: the Triton qsgd with that row's seed
+        q2, n2 = T.qsgd_triton(x[i], None, 4, 128, seed)
+        assert_same(q1[i], q2, f"qsgd codes row {i}")
+        assert_same(n1[i], n2, f"qsgd norms row {i}")

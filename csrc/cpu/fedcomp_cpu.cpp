@@ -709,6 +709,26 @@ std::tuple<Tensor, Tensor> topk_ef_cpu(const Tensor& x, const std::optional<Tens
   return topk_ef_rows_cpu(x, residual, k, index_dtype, std::nullopt);
 }
 
+// Blocks of at most kChunk entries go in work items of 8 / gcd(block, 8) blocks, so that
+// an item starts on a multiple of 8 entries: items share no byte of the packed codes.
+inline int64_t small_block_group(int64_t block) { return 8 / std::gcd<int64_t>(block, 8); }
+inline int64_t small_block_groups(int64_t n, int64_t block) {
+  return ceil_div(ceil_div(n, block), small_block_group(block));
+}
+
+// Work item g of a row whose blocks are at most kChunk entries: each block's scale, then
+// its codes (and residual), all on one thread.
+template <bool kEF, typename scalar_t, typename Policy>
+void quantize_group(const scalar_t* x, scalar_t* r, int64_t n, int64_t block, const Policy& p,
+                    uint8_t* packed, float* scales, int64_t g) {
+  const int64_t group = small_block_group(block), nblocks = ceil_div(n, block);
+  for (int64_t blk = g * group; blk < std::min(nblocks, (g + 1) * group); ++blk) {
+    const int64_t b = blk * block, e = std::min(n, b + block);
+    scales[blk] = p.finish(piece_stat<kEF>(x, r, b, e, p), e - b);
+    piece_codes<kEF>(x, r, b, e, scales[blk], p, packed);
+  }
+}
+
 template <bool kEF, typename scalar_t, typename Policy>
 void quantize_blocks(const scalar_t* x, scalar_t* r, int64_t n, int64_t block, const Policy& p,
                      uint8_t* packed, float* scales) {
@@ -727,13 +747,8 @@ void quantize_blocks(const scalar_t* x, scalar_t* r, int64_t n, int64_t block, c
     return sum;
   };
   if (block <= kChunk) {
-    const int64_t group = 8 / std::gcd<int64_t>(block, 8);  // blocks per work item
-    at::parallel_for(0, ceil_div(nblocks, group), 1, [&](int64_t g0, int64_t g1) {
-      for (int64_t blk = g0 * group; blk < std::min(nblocks, g1 * group); ++blk) {
-        const int64_t b = blk * block, e = std::min(n, b + block);
-        scales[blk] = p.finish(block_stat(b, e, false), e - b);
-        piece_codes<kEF>(x, r, b, e, scales[blk], p, packed);
-      }
+    at::parallel_for(0, small_block_groups(n, block), 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) quantize_group<kEF>(x, r, n, block, p, packed, scales, g);
     });
   } else {
     for (int64_t blk = 0; blk < nblocks; ++blk) {
@@ -835,9 +850,16 @@ void dequantize_blocks(const uint8_t* packed, const float* scales, int64_t n, in
 
 // x is [n] or [m, n] (one row per client, each quantised exactly as a 1-D call).
 template <typename Policy>
+auto same(const Policy& p) {
+  return [p](int64_t) { return p; };
+}
+
+// policy(i): the Policy of row i (QSGD's seed differs per row; sign's is the same).
+template <typename PolicyOf>
 std::tuple<Tensor, Tensor> quantize_cpu(const Tensor& x, const std::optional<Tensor>& residual,
-                                        int64_t block, const Policy& p, const char* name,
+                                        int64_t block, const PolicyOf& policy, const char* name,
                                         at::OptionalIntArrayRef rows = std::nullopt) {
+  const auto p = policy(0);  // the code width (the same for every row)
   TORCH_CHECK((x.dim() == 1 || x.dim() == 2) && x.is_contiguous(), "fedcomp::", name,
               ": x must be 1-D or 2-D contiguous");
   TORCH_CHECK(block >= 1, "fedcomp::", name, ": block must be >= 1");
@@ -853,9 +875,24 @@ std::tuple<Tensor, Tensor> quantize_cpu(const Tensor& x, const std::optional<Ten
     scalar_t* r = residual ? residual->data_ptr<scalar_t>() : nullptr;
     uint8_t* pk = packed.data_ptr<uint8_t>();
     float* sc = scales.data_ptr<float>();
+    if (stacked && m > 1 && block <= kChunk) {
+      // every row's work items in one parallel region, evenly over the threads (rows
+      // over threads would leave one thread idle for a row when m is odd); each item is
+      // exactly the 1-D op's, so the bits are the same
+      const int64_t groups = small_block_groups(n, block);
+      at::parallel_for(0, m * groups, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t i = t / groups;
+          const auto pi = policy(i);
+          if (r) quantize_group<true>(xp + i * n, r + rrow[i] * n, n, block, pi, pk + i * nbytes, sc + i * nblocks, t % groups);
+          else quantize_group<false>(xp + i * n, r, n, block, pi, pk + i * nbytes, sc + i * nblocks, t % groups);
+        }
+      });
+      return;
+    }
     for_rows(m, [&](int64_t i) {
-      if (r) quantize_blocks<true>(xp + i * n, r + rrow[i] * n, n, block, p, pk + i * nbytes, sc + i * nblocks);
-      else quantize_blocks<false>(xp + i * n, r, n, block, p, pk + i * nbytes, sc + i * nblocks);
+      if (r) quantize_blocks<true>(xp + i * n, r + rrow[i] * n, n, block, policy(i), pk + i * nbytes, sc + i * nblocks);
+      else quantize_blocks<false>(xp + i * n, r, n, block, policy(i), pk + i * nbytes, sc + i * nblocks);
     });
   });
   return {packed, scales};
@@ -892,14 +929,14 @@ void accumulate_cpu(const Tensor& out, const Tensor& packed, const Tensor& scale
 
 std::tuple<Tensor, Tensor> sign_ef_cpu(const Tensor& x, const std::optional<Tensor>& residual,
                                        int64_t block, bool l2) {
-  return l2 ? quantize_cpu(x, residual, block, SignPolicy<true>{}, "sign_ef")
-            : quantize_cpu(x, residual, block, SignPolicy<false>{}, "sign_ef");
+  return l2 ? quantize_cpu(x, residual, block, same(SignPolicy<true>{}), "sign_ef")
+            : quantize_cpu(x, residual, block, same(SignPolicy<false>{}), "sign_ef");
 }
 
 std::tuple<Tensor, Tensor> sign_ef_rows_cpu(const Tensor& x, const std::optional<Tensor>& residual,
                                             int64_t block, bool l2, at::OptionalIntArrayRef rows) {
-  return l2 ? quantize_cpu(x, residual, block, SignPolicy<true>{}, "sign_ef_rows", rows)
-            : quantize_cpu(x, residual, block, SignPolicy<false>{}, "sign_ef_rows", rows);
+  return l2 ? quantize_cpu(x, residual, block, same(SignPolicy<true>{}), "sign_ef_rows", rows)
+            : quantize_cpu(x, residual, block, same(SignPolicy<false>{}), "sign_ef_rows", rows);
 }
 
 Tensor sign_decode_cpu(const Tensor& packed, const Tensor& scales, int64_t numel, int64_t block) {
@@ -911,10 +948,21 @@ void sign_accumulate_cpu(const Tensor& out, const Tensor& packed, const Tensor& 
   accumulate_cpu(out, packed, scales, block, alpha, SignPolicy<false>{});
 }
 
+// Many clients' updates, x [m, n], one Philox seed per row: row i is exactly qsgd(x[i], seed=seeds[i]).
+std::tuple<Tensor, Tensor> qsgd_rows_cpu(const Tensor& x, const std::optional<Tensor>& residual, int64_t levels,
+                                         int64_t bucket, at::IntArrayRef seeds, at::OptionalIntArrayRef rows) {
+  TORCH_CHECK(x.dim() == 2 && static_cast<int64_t>(seeds.size()) == x.size(0),
+              "fedcomp::qsgd_rows: x must be [m, n] with one seed per row");
+  const int lv = static_cast<int>(levels);
+  const std::vector<int64_t> s(seeds.begin(), seeds.end());
+  auto policy = [&](int64_t i) { return QsgdPolicy{lv, qsgd_bits(lv), static_cast<uint64_t>(s[i])}; };
+  return quantize_cpu(x, residual, bucket, policy, "qsgd_rows", rows);
+}
+
 std::tuple<Tensor, Tensor> qsgd_cpu(const Tensor& x, const std::optional<Tensor>& residual,
                                     int64_t levels, int64_t bucket, int64_t seed) {
   const int lv = static_cast<int>(levels);
-  return quantize_cpu(x, residual, bucket, QsgdPolicy{lv, qsgd_bits(lv), static_cast<uint64_t>(seed)},
+  return quantize_cpu(x, residual, bucket, same(QsgdPolicy{lv, qsgd_bits(lv), static_cast<uint64_t>(seed)}),
                       "qsgd");
 }
 
@@ -1149,6 +1197,7 @@ TORCH_LIBRARY_IMPL(fedcomp, CPU, m) {
   m.impl("sign_decode", &sign_decode_cpu);
   m.impl("sign_majority", &sign_majority_cpu);
   m.impl("qsgd", &qsgd_cpu);
+  m.impl("qsgd_rows", &qsgd_rows_cpu);
   m.impl("qsgd_decode", &qsgd_decode_cpu);
   m.impl("sparse_accumulate", &sparse_accumulate_cpu);
   m.impl("sign_accumulate", &sign_accumulate_cpu);
