@@ -33,6 +33,14 @@ def _flat_input(x) -> Tensor:
     return _checked(x).reshape(-1)
 
 
+def _stack_input(x) -> Tensor:
+    """``x`` of ``compress_many``: a ``[clients >= 1, n]`` float tensor, checked as :func:`_checked`."""
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] < 1:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a [clients >= 1, n] tensor; got {shape}")
+    return _checked(x.contiguous())
+
+
 def _checked(x) -> Tensor:
     """``x`` checked once for the ops (a contiguous float tensor on a device a backend serves),
     detached: the compressors then call the registered ops directly (``ops._ops``), with
@@ -81,10 +89,7 @@ class Compressor:
         """Compress each row of ``x`` ``[m, n]`` (no error feedback): the same payloads, to the
         bit, as ``[compress(x[i]) for i in range(m)]``, in one batched call where the
         compressor has one (sign and QSGD; for QSGD the rows' seeds are drawn in row order)."""
-        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] < 1:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must be a [clients >= 1, n] tensor; got {shape}")
-        return self._encode_rows(_checked(x.contiguous()), None, None)
+        return self._encode_rows(_stack_input(x), None, None)
 
     def _encode_rows(self, x: Tensor, residual: Tensor | None, rows: list[int] | None) -> list[Payload]:
         """``_encode`` of each row ``i`` of ``x [m, n]`` with row ``rows[i]`` of ``residual [K, n]``
@@ -474,18 +479,15 @@ class ErrorFeedback(_Stateful):
     def compress_many(self, x: Tensor, keys) -> list[Payload]:
         """Compress ``m`` clients' updates at once: ``x`` is ``[m, n]``, ``keys`` ``m`` distinct keys.
 
-        For rows shorter than 2^18 entries, top-k (global) and sign run as one batched op on the
-        keys' residuals in place (one parallel region on the CPU; see :func:`fedcomp.topk_ef`);
+        For rows shorter than 2^18 entries, top-k (global), rand-k, sign and QSGD run as one
+        batched op on the keys' residuals in place (one parallel region on the CPU; see :func:`fedcomp.topk_ef`);
         otherwise, and for other compressors, row by row. Either way the payloads and residuals
         equal ``[compress(x[i], keys[i]) for i in range(m)]`` to the bit.
         """
-        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] < 1:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must be a [clients >= 1, n] tensor; got {shape}")
+        x = _stack_input(x)
         keys = [_check_key(k) for k in keys]
         if len(keys) != x.shape[0] or len(set(keys)) != len(keys):
             raise ValueError(f"keys must be {x.shape[0]} distinct keys, one per row of x; got {keys!r}")
-        x = _checked(x.contiguous())
         residuals = [self._residual(k, x) for k in keys]
         if type(self.compressor)._encode_rows is Compressor._encode_rows or x.shape[1] >= _ROWS_BATCH_BELOW:
             return [self.compressor._encode(x[i], r) for i, r in enumerate(residuals)]

@@ -293,7 +293,6 @@ def qsgd(x: Tensor, residual: Tensor | None, levels: int, bucket: int, seed: int
     return pack_codes(codes, qsgd_bits(levels)), norms
 
 
-
 def qsgd_rows(x: Tensor, residual: Tensor | None, levels: int, bucket: int, seeds, rows=None):
     """:func:`qsgd` on each row ``i`` of ``x [m, n]`` with seed ``seeds[i]`` (through the
     dispatcher, so each row runs on its device's kernel): ``(packed [m, nbytes], norms [m, nb])``."""

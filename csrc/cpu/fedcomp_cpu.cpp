@@ -729,41 +729,37 @@ void quantize_group(const scalar_t* x, scalar_t* r, int64_t n, int64_t block, co
   }
 }
 
+// One row whose blocks are larger than kChunk: each block's statistic over kChunk pieces in
+// parallel (combined in order), then its codes over pieces in parallel. Smaller blocks go
+// through quantize_group, all rows' work items in one parallel region (quantize_cpu).
 template <bool kEF, typename scalar_t, typename Policy>
-void quantize_blocks(const scalar_t* x, scalar_t* r, int64_t n, int64_t block, const Policy& p,
-                     uint8_t* packed, float* scales) {
+void quantize_large_blocks(const scalar_t* x, scalar_t* r, int64_t n, int64_t block, const Policy& p,
+                           uint8_t* packed, float* scales) {
   const int64_t nblocks = ceil_div(n, block);
-  auto block_stat = [&](int64_t b, int64_t e, bool parallel) {
-    if (e - b <= kChunk) return piece_stat<kEF>(x, r, b, e, p);
+  auto block_stat = [&](int64_t b, int64_t e) {
+    if (e - b <= kChunk) return piece_stat<kEF>(x, r, b, e, p);  // a short last block
     const int64_t npieces = ceil_div(e - b, kChunk);
     std::vector<double> part(npieces, 0.0);
-    auto run = [&](int64_t p0, int64_t p1) {
+    at::parallel_for(0, npieces, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t q = p0; q < p1; ++q)
         part[q] = piece_stat<kEF>(x, r, b + q * kChunk, std::min(e, b + (q + 1) * kChunk), p);
-    };
-    if (parallel) at::parallel_for(0, npieces, 1, run); else run(0, npieces);
+    });
     double sum = 0;
     for (double v : part) sum += v;
     return sum;
   };
-  if (block <= kChunk) {
-    at::parallel_for(0, small_block_groups(n, block), 1, [&](int64_t g0, int64_t g1) {
-      for (int64_t g = g0; g < g1; ++g) quantize_group<kEF>(x, r, n, block, p, packed, scales, g);
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const int64_t b = blk * block, e = std::min(n, b + block);
+    const float scale = scales[blk] = p.finish(block_stat(b, e), e - b);
+    // Interior piece edges sit on multiples of 8 elements: no shared bytes.
+    const int64_t first_edge = std::min(e, (b + kChunk + 7) / 8 * 8);
+    at::parallel_for(0, 1 + ceil_div(e - first_edge, kChunk), 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t pb = q == 0 ? b : first_edge + (q - 1) * kChunk;
+        const int64_t pe = q == 0 ? first_edge : std::min(e, pb + kChunk);
+        piece_codes<kEF>(x, r, pb, pe, scale, p, packed);
+      }
     });
-  } else {
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const int64_t b = blk * block, e = std::min(n, b + block);
-      const float scale = scales[blk] = p.finish(block_stat(b, e, true), e - b);
-      // Interior piece edges sit on multiples of 8 elements: no shared bytes.
-      const int64_t first_edge = std::min(e, (b + kChunk + 7) / 8 * 8);
-      at::parallel_for(0, 1 + ceil_div(e - first_edge, kChunk), 1, [&](int64_t q0, int64_t q1) {
-        for (int64_t q = q0; q < q1; ++q) {
-          const int64_t pb = q == 0 ? b : first_edge + (q - 1) * kChunk;
-          const int64_t pe = q == 0 ? first_edge : std::min(e, pb + kChunk);
-          piece_codes<kEF>(x, r, pb, pe, scale, p, packed);
-        }
-      });
-    }
   }
 }
 
@@ -848,12 +844,12 @@ void dequantize_blocks(const uint8_t* packed, const float* scales, int64_t n, in
   });
 }
 
-// x is [n] or [m, n] (one row per client, each quantised exactly as a 1-D call).
 template <typename Policy>
 auto same(const Policy& p) {
   return [p](int64_t) { return p; };
 }
 
+// x is [n] or [m, n] (one row per client, each quantised exactly as a 1-D call);
 // policy(i): the Policy of row i (QSGD's seed differs per row; sign's is the same).
 template <typename PolicyOf>
 std::tuple<Tensor, Tensor> quantize_cpu(const Tensor& x, const std::optional<Tensor>& residual,
@@ -875,10 +871,10 @@ std::tuple<Tensor, Tensor> quantize_cpu(const Tensor& x, const std::optional<Ten
     scalar_t* r = residual ? residual->data_ptr<scalar_t>() : nullptr;
     uint8_t* pk = packed.data_ptr<uint8_t>();
     float* sc = scales.data_ptr<float>();
-    if (stacked && m > 1 && block <= kChunk) {
+    if (block <= kChunk) {
       // every row's work items in one parallel region, evenly over the threads (rows
-      // over threads would leave one thread idle for a row when m is odd); each item is
-      // exactly the 1-D op's, so the bits are the same
+      // over threads would leave one thread idle for a row when m is odd); an item's bits
+      // do not depend on which region or thread runs it
       const int64_t groups = small_block_groups(n, block);
       at::parallel_for(0, m * groups, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
@@ -891,8 +887,8 @@ std::tuple<Tensor, Tensor> quantize_cpu(const Tensor& x, const std::optional<Ten
       return;
     }
     for_rows(m, [&](int64_t i) {
-      if (r) quantize_blocks<true>(xp + i * n, r + rrow[i] * n, n, block, policy(i), pk + i * nbytes, sc + i * nblocks);
-      else quantize_blocks<false>(xp + i * n, r, n, block, policy(i), pk + i * nbytes, sc + i * nblocks);
+      if (r) quantize_large_blocks<true>(xp + i * n, r + rrow[i] * n, n, block, policy(i), pk + i * nbytes, sc + i * nblocks);
+      else quantize_large_blocks<false>(xp + i * n, r, n, block, policy(i), pk + i * nbytes, sc + i * nblocks);
     });
   });
   return {packed, scales};
@@ -954,8 +950,7 @@ std::tuple<Tensor, Tensor> qsgd_rows_cpu(const Tensor& x, const std::optional<Te
   TORCH_CHECK(x.dim() == 2 && static_cast<int64_t>(seeds.size()) == x.size(0),
               "fedcomp::qsgd_rows: x must be [m, n] with one seed per row");
   const int lv = static_cast<int>(levels);
-  const std::vector<int64_t> s(seeds.begin(), seeds.end());
-  auto policy = [&](int64_t i) { return QsgdPolicy{lv, qsgd_bits(lv), static_cast<uint64_t>(s[i])}; };
+  auto policy = [&](int64_t i) { return QsgdPolicy{lv, qsgd_bits(lv), static_cast<uint64_t>(seeds[i])}; };
   return quantize_cpu(x, residual, bucket, policy, "qsgd_rows", rows);
 }
 
