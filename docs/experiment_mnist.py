@@ -9,6 +9,11 @@ a stopped ``run`` restarts where it stopped (finished runs are skipped, unfinish
 from their checkpoint). Each worker uses one torch thread, so every run reproduces bit for bit.
 The shared settings are docs/experiment-mnist.toml; the grids are :data:`GRIDS`.
 
+Every finished and measured run's summary is also appended to :data:`RECORDS`
+(docs/experiment-mnist/runs.jsonl), which is committed: the analysis, and ``run``'s list of what
+is left, survive a checkout without ``runs/`` (the grid spans several sessions). ``run --part sub``
+runs only the ρ sweep, the ablations and the main-grid runs they are paired with.
+
 Every comparison pairs runs with the same seed (the seed fixes the partition, the initial model
 and the client sampling). A claim's row gives the mean paired difference, its 95 % interval
 (Student t over seeds) and how many seeds have the difference of the claimed sign.
@@ -26,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedsynsam.config import load_toml
+from fedsynsam.config import Config, load_toml
 
 HERE = Path(__file__).resolve().parent
 BASE = load_toml(HERE / "experiment-mnist.toml")
@@ -64,13 +69,89 @@ GRIDS = [
 ]
 
 
+RECORDS = HERE / "experiment-mnist" / "runs.jsonl"
+PARTS = ("all", "main", "sub")
+
+
+def _grid(name: str) -> Grid:
+    return next(g for g in GRIDS if g.name == name)
+
+
+def selected(part: str = "all") -> list[tuple[str, str, str, int]]:
+    """The runs ``(grid, algorithm, compressor, seed)`` of ``part``: ``main`` (the two main grids),
+    ``sub`` (the ρ sweep and the ablations, with the α = 0.1 top-k runs on their seeds that they
+    are paired with) or ``all``; in the order ``run`` takes them: the main grids seed by seed
+    first, so that an early stop still leaves paired results, then the rest."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {', '.join(PARTS)}; got {part!r}")
+    main = [(g.name, *u) for g in GRIDS[:2] for u in g.units]
+    sub = [(g.name, *u) for g in GRIDS[2:] for u in g.units]
+    base = [("alpha0.1", a, "topk", s) for s in SUB_SEEDS for a in ALGORITHMS]
+    units = {"all": main + sub, "main": main, "sub": base + sub}[part]
+    order = {g.name: i for i, g in enumerate(GRIDS)}
+    return sorted(units, key=lambda t: (not t[0].startswith("alpha"), t[3], order[t[0]]))
+
+
+class Results:
+    """Every finished run's summary, keyed by ``(grid, algorithm, compressor, seed)``: the run's
+    folder under ``out`` where it exists, otherwise its line in ``records`` (JSON lines of
+    ``{"grid", "algorithm", "compressor", "seed", "summary"}``; a later line for the same run
+    replaces an earlier one). A record made with other settings than the grid's is refused."""
+
+    def __init__(self, out: Path, records: Path = RECORDS):
+        self.out, self.records = Path(out), Path(records)
+        self._saved: dict[tuple, dict] = {}
+        if self.records.is_file():
+            for n, line in enumerate(self.records.read_text().splitlines(), 1):
+                if line.strip():
+                    r = json.loads(line)
+                    key = (r["grid"], r["algorithm"], r["compressor"], r["seed"])
+                    self._check(key, r["summary"], f"{self.records}:{n}")
+                    self._saved[key] = r["summary"]
+
+    def folder(self, grid: str, a: str, c: str, s: int) -> dict:
+        path = self.out / grid / f"{a}-{c}-s{s}" / "summary.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, grid: str, a: str, c: str, s: int) -> dict:
+        return self.folder(grid, a, c, s) or self._saved.get((grid, a, c, s), {})
+
+    def measured(self, grid: str, a: str, c: str, s: int) -> bool:
+        return "lambda_max" in self.get(grid, a, c, s)
+
+    def record(self, grid: str, a: str, c: str, s: int) -> bool:
+        """Append the run's measured summary to ``records`` unless that exact summary is there."""
+        summary = self.folder(grid, a, c, s)
+        key = (grid, a, c, s)
+        if "lambda_max" not in summary or self._saved.get(key) == summary:
+            return False
+        self._check(key, summary, str(self.out / grid / f"{a}-{c}-s{s}"))
+        self.records.parent.mkdir(parents=True, exist_ok=True)
+        line = {"grid": grid, "algorithm": a, "compressor": c, "seed": s, "summary": summary}
+        with self.records.open("a") as f:
+            f.write(json.dumps(line, sort_keys=True) + "\n")
+        self._saved[key] = summary
+        return True
+
+    @staticmethod
+    def _check(key: tuple, summary: dict, where: str) -> None:
+        from fedsynsam.config import EXECUTION_ONLY
+
+        grid, a, c, s = key
+        want = Config.from_dict({**BASE, **_grid(grid).overrides, "algorithm": a, "compressor": c, "seed": s})
+        want = want.validate().to_dict()
+        diff = sorted(k for k, v in summary.get("config", {}).items() if v != want.get(k) and k not in EXECUTION_ONLY)
+        if diff:
+            raise ValueError(f"{where} was run with other settings than grid {grid} ({', '.join(diff)})")
+
+
 def _one(out: str, grid: str, a: str, c: str, s: int) -> str:
     import torch
 
     from fedsynsam.compare import run_grid
 
     torch.set_num_threads(1)
-    g = next(g for g in GRIDS if g.name == grid)
+    g = _grid(grid)
     # 512 of the 4,000 training points define the measured loss; the 2-D landscape (441 loss
     # evaluations, the largest cost on the CNN) only for seed 0
     options = {"samples": SHARPNESS_SAMPLES, "surface": s == 0}
@@ -81,12 +162,16 @@ def _one(out: str, grid: str, a: str, c: str, s: int) -> str:
     return f"{grid}/{a}-{c}-s{s}"
 
 
-def run(out: Path, jobs: int) -> None:
+def run(out: Path, jobs: int, part: str = "all", records: Path = RECORDS) -> None:
+    """Run (and measure) every run of ``part`` that neither ``out`` nor ``records`` holds measured,
+    ``jobs`` at a time; record each one as it finishes."""
     from tqdm.auto import tqdm
 
-    # seed-major across the main grids first, so that early stops still give paired results
-    ranked = [((not g.name.startswith("alpha"), u[2], i), (g.name, *u)) for i, g in enumerate(GRIDS) for u in g.units]
-    todo = [t for _, t in sorted(ranked, key=lambda r: r[0]) if "lambda_max" not in _summary(out / t[0], *t[1:])]
+    results = Results(out, records)
+    units = selected(part)
+    for t in units:  # runs finished by an earlier driver that stopped before recording them
+        results.record(*t)
+    todo = [t for t in units if not results.measured(*t)]
     failed = []
     with ProcessPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(todo), desc="runs", unit="run") as bar:
         futures = {pool.submit(_one, str(out), *t): t for t in todo}
@@ -94,17 +179,13 @@ def run(out: Path, jobs: int) -> None:
             grid, a, c, s = futures[f]
             try:
                 bar.set_postfix_str(f.result())
+                results.record(grid, a, c, s)
             except Exception as e:  # one run's failure must not hide (or stop) the others
                 failed.append(f"{grid}/{a}-{c}-s{s}: {type(e).__name__}: {e}")
                 tqdm.write(f"FAILED {failed[-1]}", file=sys.stderr)
             bar.update()
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed:\n" + "\n".join(failed))
-
-
-def _summary(grid_dir: Path, a: str, c: str, s: int) -> dict:
-    path = grid_dir / f"{a}-{c}-s{s}" / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 # -- analysis ---------------------------------------------------------------------------------
@@ -117,11 +198,13 @@ METRICS = [
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def paired(out: Path, grid_a: str, run_a: tuple, grid_b: str, run_b: tuple, key: str, seeds=MAIN_SEEDS) -> list[float]:
+def paired(
+    results: Results, grid_a: str, run_a: tuple, grid_b: str, run_b: tuple, key: str, seeds=MAIN_SEEDS
+) -> list[float]:
     """``a - b`` for every seed of ``seeds`` where both runs are finished and measured."""
     diffs = []
     for s in seeds:
-        x, y = _summary(out / grid_a, *run_a, s), _summary(out / grid_b, *run_b, s)
+        x, y = results.get(grid_a, *run_a, s), results.get(grid_b, *run_b, s)
         if x.get(key) is not None and y.get(key) is not None:
             diffs.append(x[key] - y[key])
     return diffs
@@ -234,36 +317,35 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def report(out: Path, dest: Path) -> str:
+def _main_grid_claims(results: Results, dest: Path) -> str | None:
+    """``claims.md`` and ``claims.png``: every claim row for each main grid, over the seeds finished
+    in the whole grid; with the run folders of those seeds at hand, also each grid's own results
+    table and plots. ``None`` (nothing written) when no main grid has a finished seed."""
     from fedsynsam.compare import run_grid
 
-    dest.mkdir(parents=True, exist_ok=True)
-    parts, effects, points = [], {}, {}
+    parts, effects = [], {}
     for g in GRIDS[:2]:
         done = [
-            s
-            for s in g.seeds
-            if all("lambda_max" in _summary(out / g.name, a, c, s) for a in g.algorithms for c in g.compressors)
+            s for s in g.seeds if all(results.measured(g.name, a, c, s) for a in g.algorithms for c in g.compressors)
         ]
-        if done:  # the grid's own table and plots, over the seeds finished everywhere
+        folders = all(results.folder(g.name, *u).get("lambda_max") is not None for u in g.units if u[2] in done)
+        if done and folders:  # the grid's own table and plots, over the seeds finished everywhere
             run_grid(
-                {**BASE, **g.overrides}, g.algorithms, g.compressors, done, out / g.name, progress=False, sharpness=True
-            )
-            for name in (
-                "results.md",
-                "accuracy_vs_round.png",
-                "accuracy_vs_bytes.png",
-                "lambda_max.png",
-                "landscape_1d.png",
-            ):
-                if (out / g.name / name).is_file():
-                    shutil.copy(out / g.name / name, dest / f"{g.name}-{name}")
+                {**BASE, **g.overrides}, g.algorithms, g.compressors, done, results.out / g.name,
+                progress=False, sharpness=True,
+            )  # fmt: skip
+            for name in ("results.md", "accuracy_vs_round.png", "accuracy_vs_bytes.png", "lambda_max.png",
+                         "landscape_1d.png"):  # fmt: skip
+                if (results.out / g.name / name).is_file():
+                    shutil.copy(results.out / g.name / name, dest / f"{g.name}-{name}")
+        elif done:
+            print(f"{g.name}: run folders absent under {results.out}; its results table and plots are kept")
         rows, by_key = [], effects.setdefault(g.label, {key: [] for key, _, _ in FOREST})
         for label, a, b, sign in claim_rows():
             row = [label]
             for key, _, scale in METRICS:
                 s = sign if key == "mean_test_acc_last5" else (-sign if key != "valley_width" else sign)
-                diffs = paired(out, g.name, a, g.name, b, key, done)
+                diffs = paired(results, g.name, a, g.name, b, key, done)
                 row.append(cell(diffs, scale, s))
                 if key in by_key:
                     by_key[key].append((label, diffs))
@@ -272,58 +354,80 @@ def report(out: Path, dest: Path) -> str:
             f"### {g.label} (seeds finished: {len(done)})\n\n"
             + _table(["paired difference: mean [95 % CI] seeds agreeing"] + [m[1] for m in METRICS], rows)
         )
+    if not any(d for by_key in effects.values() for _, d in by_key[FOREST[0][0]]):
+        return None
+    plot_claims(effects, dest / "claims.png")
+    text = "\n\n".join(parts) + "\n"
+    (dest / "claims.md").write_text(text)
+    return text
+
+
+def _sweep_and_ablations(results: Results, dest: Path) -> str | None:
+    """``sweep.md`` and ``rho_sweep.png``: the ρ sweep against FedAvg top-k and each FedSynSAM
+    ablation against the default, over the sub-grid seeds. ``None`` when no sub-grid run is done."""
     # ρ sweep: each SAM variant with top-k, α = 0.1; ρ = 0.05 is the main grid
     sweep = [(0.05, "alpha0.1")] + [(float(g.name[3:]), g.name) for g in GRIDS if g.name.startswith("rho")]
-    rows = []
+    rows, points, found = [], {}, False
     for a in SAM:
         for rho, grid in sorted(sweep):
-            runs = [_summary(out / grid, a, "topk", s) for s in SUB_SEEDS]
+            runs = [results.get(grid, a, "topk", s) for s in SUB_SEEDS]
             runs = [r for r in runs if "lambda_max" in r]
             if runs:
+                found |= grid != "alpha0.1"
                 acc = statistics.fmean(100 * r["mean_test_acc_last5"] for r in runs)
                 lam = statistics.fmean(r["lambda_max"] for r in runs)
                 vs = cell(  # over the sweep's seeds, also for the main grid's ρ = 0.05
-                    paired(out, grid, (a, "topk"), "alpha0.1", ("fedavg", "topk"), "mean_test_acc_last5", SUB_SEEDS),
+                    paired(
+                        results, grid, (a, "topk"), "alpha0.1", ("fedavg", "topk"), "mean_test_acc_last5", SUB_SEEDS
+                    ),
                     100.0,
                     0,
                 )
                 rows.append([a, f"{rho:g}", str(len(runs)), f"{acc:.2f}", f"{lam:.2f}", vs])
                 points.setdefault(a, []).append((rho, acc, lam))
-    parts.append(
+    parts = [
         "### ρ sweep (top-k 1 % + EF, α = 0.1, seeds 0–2)\n\n"
         + _table(["algorithm", "ρ", "seeds", "accuracy %", "λ_max", "accuracy − FedAvg top-k (pp)"], rows)
-    )
+    ]
     rows = []
     for g in GRIDS:
         if g.name.startswith("syn-"):
             row = [g.label]
             for key, _, scale in METRICS:
-                row.append(
-                    cell(
-                        paired(out, g.name, ("fedsynsam", "topk"), "alpha0.1", ("fedsynsam", "topk"), key, g.seeds),
-                        scale,
-                        0,
-                    )
-                )
+                diffs = paired(results, g.name, ("fedsynsam", "topk"), "alpha0.1", ("fedsynsam", "topk"), key, g.seeds)
+                found |= bool(diffs)
+                row.append(cell(diffs, scale, 0))
             rows.append(row)
     parts.append(
         "### FedSynSAM ablations (top-k 1 % + EF, α = 0.1, seeds 0–2): variant − default\n\n"
         + _table(["variant (default: 10 per class, refresh every 10, client ε)"] + [m[1] for m in METRICS], rows)
     )
-    plot_claims(effects, dest / "claims.png")
-    base = [_summary(out / "alpha0.1", "fedavg", "topk", s) for s in SUB_SEEDS]
+    if not found:
+        return None
+    base = [results.get("alpha0.1", "fedavg", "topk", s) for s in SUB_SEEDS]
     base = [r for r in base if "lambda_max" in r]
-    if points:
-        baseline = None
-        if base:
-            baseline = (
-                statistics.fmean(100 * r["mean_test_acc_last5"] for r in base),
-                statistics.fmean(r["lambda_max"] for r in base),
-            )
-        plot_sweep(points, baseline, dest / "rho_sweep.png")
+    baseline = None
+    if base:
+        baseline = (
+            statistics.fmean(100 * r["mean_test_acc_last5"] for r in base),
+            statistics.fmean(r["lambda_max"] for r in base),
+        )
+    plot_sweep(points, baseline, dest / "rho_sweep.png")
     text = "\n\n".join(parts) + "\n"
-    (dest / "claims.md").write_text(text)
+    (dest / "sweep.md").write_text(text)
     return text
+
+
+def report(results: Results, dest: Path) -> str:
+    """Write what the finished runs support into ``dest``: ``claims.md`` / ``claims.png`` (the main
+    grids) and ``sweep.md`` / ``rho_sweep.png`` (the ρ sweep and the ablations). A part with no
+    finished run leaves its files as they are (say, after a fresh checkout whose records lack it)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    texts = []
+    for name, part in (("claims.md", _main_grid_claims), ("sweep.md", _sweep_and_ablations)):
+        text = part(results, dest)
+        texts.append(text if text is not None else f"{name}: no finished run for it; {dest / name} is kept\n")
+    return "\n".join(texts)
 
 
 def main(argv=None) -> int:
@@ -331,12 +435,14 @@ def main(argv=None) -> int:
     parser.add_argument("command", choices=["run", "report"])
     parser.add_argument("--out", default="runs/mnist", help="folder of the runs")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
+    parser.add_argument("--part", choices=PARTS, default="all", help="run: which runs (sub: the ρ sweep and ablations)")
+    parser.add_argument("--records", default=str(RECORDS), help="the recorded summaries (JSON lines)")
     parser.add_argument("--dest", default=str(HERE / "experiment-mnist"), help="where report writes")
     args = parser.parse_args(argv)
     if args.command == "run":
-        run(Path(args.out), args.jobs)
+        run(Path(args.out), args.jobs, args.part, Path(args.records))
     else:
-        print(report(Path(args.out), Path(args.dest)))
+        print(report(Results(Path(args.out), Path(args.records)), Path(args.dest)))
     return 0
 
 

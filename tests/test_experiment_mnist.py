@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -37,15 +38,21 @@ def _write(out: Path, grid: str, a: str, c: str, s: int, **values) -> None:
     (run / "summary.json").write_text(json.dumps(values))
 
 
+def _config(grid: str, a: str, c: str, s: int) -> dict:
+    g = exp._grid(grid)
+    return Config.from_dict({**exp.BASE, **g.overrides, "algorithm": a, "compressor": c, "seed": s}).to_dict()
+
+
 def test_paired_interval_and_agreement(tmp_path):
     accs = {"none": [0.90, 0.92, 0.91, 0.93, 0.89], "topk": [0.88, 0.91, 0.92, 0.90, 0.86]}
     for c, values in accs.items():
         for s, v in enumerate(values):
             if not (c == "topk" and s == 4):  # one run unfinished: that seed drops out of the pairing
                 _write(tmp_path, "alpha0.1", "fedavg", c, s, mean_test_acc_last5=v)
-    diffs = exp.paired(tmp_path, "alpha0.1", ("fedavg", "topk"), "alpha0.1", ("fedavg", "none"), "mean_test_acc_last5")
+    results = exp.Results(tmp_path, tmp_path / "runs.jsonl")
+    diffs = exp.paired(results, "alpha0.1", ("fedavg", "topk"), "alpha0.1", ("fedavg", "none"), "mean_test_acc_last5")
     assert diffs == pytest.approx([-0.02, -0.01, 0.01, -0.03])
-    sub = exp.paired(tmp_path, "alpha0.1", ("fedavg", "topk"), "alpha0.1", ("fedavg", "none"), "mean_test_acc_last5",
+    sub = exp.paired(results, "alpha0.1", ("fedavg", "topk"), "alpha0.1", ("fedavg", "none"), "mean_test_acc_last5",
                      exp.SUB_SEEDS)  # fmt: skip
     assert sub == pytest.approx([-0.02, -0.01, 0.01])  # a sub-grid compares on its own seeds only
     m, lo, hi = exp.interval(diffs, 100.0)
@@ -65,3 +72,56 @@ def test_claims_and_sweep_plots_are_written(tmp_path):
     sweep = exp.plot_sweep(points, (94.6, 12.7), tmp_path / "rho_sweep.png")
     for path in (claims, sweep):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_selected_parts():
+    main, sub, every = exp.selected("main"), exp.selected("sub"), exp.selected("all")
+    assert len(main) == 150 and len(every) == 213 and len(set(every)) == 213
+    # the sub-grids plus the main-grid runs they are paired with (every algorithm, top-k, α = 0.1)
+    base = {("alpha0.1", a, "topk", s) for a in exp.ALGORITHMS for s in exp.SUB_SEEDS}
+    assert set(sub) == (set(every) - set(main)) | base and len(sub) == 63 + 15
+    assert [t[3] for t in main[:30]] == [0] * 30  # seed by seed, so an early stop leaves pairs
+    with pytest.raises(ValueError, match="part must be one of all, main, sub; got 'rho'"):
+        exp.selected("rho")
+
+
+def test_records_survive_without_the_run_folders(tmp_path):
+    out, records = tmp_path / "runs", tmp_path / "runs.jsonl"
+    keys = [("alpha0.1", "fedavg", "topk", s) for s in (0, 1)] + [("rho0.1", "fedsam", "topk", 0)]
+    for i, key in enumerate(keys):
+        _write(out, *key, config=_config(*key), mean_test_acc_last5=0.9 + i / 100, lambda_max=10.0 + i)
+    _write(out, "alpha0.1", "fedsam", "topk", 0, config=_config("alpha0.1", "fedsam", "topk", 0))  # not measured
+    results = exp.Results(out, records)
+    assert [results.record(*k) for k in keys] == [True] * 3
+    assert not results.record(*keys[0])  # the same summary is not appended twice
+    assert not results.record("alpha0.1", "fedsam", "topk", 0)  # unmeasured runs are not recorded
+    assert len(records.read_text().splitlines()) == 3
+    shutil.rmtree(out)
+    again = exp.Results(out, records)
+    assert [again.get(*k)["lambda_max"] for k in keys] == [10.0, 11.0, 12.0]
+    assert again.measured(*keys[2]) and not again.measured("alpha0.1", "fedsam", "topk", 0)
+    assert again.folder(*keys[0]) == {}
+    # a summary made with other settings than its grid's is refused, naming the line
+    bad = {"grid": "rho0.1", "algorithm": "fedsam", "compressor": "topk", "seed": 1,
+           "summary": {"config": _config("rho0.2", "fedsam", "topk", 1), "lambda_max": 1.0}}  # fmt: skip
+    with records.open("a") as f:
+        f.write(json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match=r"runs.jsonl:4 was run with other settings than grid rho0.1 \(rho\)"):
+        exp.Results(out, records)
+
+
+def test_report_writes_what_the_runs_support_and_keeps_the_rest(tmp_path):
+    out, records, dest = tmp_path / "runs", tmp_path / "runs.jsonl", tmp_path / "report"
+    dest.mkdir()
+    (dest / "claims.md").write_text("the main grids' tables, from an earlier checkout\n")
+    for s in exp.SUB_SEEDS:  # FedAvg top-k on the sweep's seeds, and FedSAM at ρ = 0.1
+        runs = ((("alpha0.1", "fedavg", "topk", s), 0.90, 12.0), (("rho0.1", "fedsam", "topk", s), 0.91 + s / 100, 4.0))
+        for key, acc, lam in runs:
+            _write(out, *key, config=_config(*key), mean_test_acc_last5=acc, lambda_max=lam, hessian_trace=1.0,
+                   valley_width=0.5)  # fmt: skip
+    text = exp.report(exp.Results(out, records), dest)
+    assert (dest / "claims.md").read_text() == "the main grids' tables, from an earlier checkout\n"
+    assert "claims.md: no finished run for it" in text
+    sweep = (dest / "sweep.md").read_text()
+    assert "| fedsam | 0.1 | 3 | 92.00 | 4.00 | +2.00 [-0.48, +4.48] n=3 |" in sweep
+    assert (dest / "rho_sweep.png").read_bytes()[:4] == b"\x89PNG"
