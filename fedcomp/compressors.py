@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 from torch import Tensor
@@ -310,6 +311,17 @@ class QSGD(_Seeded):
     def _params(self, numel: int) -> dict:
         return {"levels": self.levels, "bucket": max(numel, 1) if self.bucket is None else self.bucket}
 
+    def variance_bound(self, numel: int | None = None) -> float:
+        """QSGD's variance bound ``ω`` (Alistarh et al. 2017, Lemma 3.1):
+        ``E||decode - a||^2 <= ω ||a||^2`` with ``ω = min(d / L^2, sqrt(d) / L)`` for buckets of
+        ``d`` entries (``bucket``, or ``numel`` when ``bucket`` is None; ``numel=None`` there
+        means any size: ``inf``). Error feedback is only guaranteed to stay bounded for
+        ``ω < 1``; at the default ``levels=4, bucket=512`` it is 5.66."""
+        d = self.bucket if self.bucket is None or numel is None else min(self.bucket, numel)
+        if d is None:
+            d = numel if numel is not None else math.inf
+        return min(d / self.levels**2, math.sqrt(d) / self.levels)
+
     def _encode(self, x, residual):
         params = self._params(x.numel())
         packed, norms = ops._ops.qsgd(x, residual, self.levels, params["bucket"], self._next_seed())
@@ -420,6 +432,16 @@ class ErrorFeedback(_Stateful):
 
     def __init__(self, compressor: Compressor):
         super().__init__(compressor)
+        if isinstance(self.compressor, QSGD) and self.compressor.variance_bound() >= 1:
+            warnings.warn(
+                f"ErrorFeedback({self.compressor!r}): QSGD's variance bound is "
+                f"{self.compressor.variance_bound():.3g} >= 1, so the residual can grow without bound "
+                "(error feedback needs a contractive compressor; in fedsynsam's trainer it reached NaN "
+                "within 100 rounds). Send QSGD without error feedback (it is unbiased), or use "
+                "levels > sqrt(bucket).",
+                UserWarning,
+                stacklevel=2,
+            )
         self._pools: dict[tuple, list[Tensor]] = {}  # (n, dtype, device) -> its [capacity, n] buffers
         self._free: dict[tuple, list[tuple[Tensor, int]]] = {}  # (n, dtype, device) -> unused rows
         self._home: dict[str, tuple[Tensor, int]] = {}  # key -> (buffer, row) of its residual

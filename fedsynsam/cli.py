@@ -21,7 +21,8 @@ _FLAG_HELP = {
     "algorithm": "fedavg | fedsam | mofedsam | fedlesam | fedsynsam | dppf",
     "compressor": "none | topk | randk | sign | qsgd | 3sfc | fedsynth (client uploads)",
     "ratio": "fraction of entries kept by topk / randk, in (0, 1]",
-    "error_feedback": "keep an error-feedback residual per client (true/false)",
+    "error_feedback": "keep an error-feedback residual per client (true/false; unset: on for every "
+    "compressor but qsgd)",
     "rounds": "communication rounds T",
     "clients": "number of clients N",
     "per_round": "clients sampled per round M",
@@ -56,7 +57,7 @@ def _add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
     for f in dataclasses.fields(Config):
         if f.name in skip:
             continue
-        kind = {"int": int, "float": float, "bool": _bool, "str": str, "str | None": str}[f.type]
+        kind = {"int": int, "float": float, "bool": _bool, "bool | None": _bool, "str": str, "str | None": str}[f.type]
         p.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+import fedcomp
+
 from .algorithms import ALGORITHMS
 from .data import DATASETS, EMBEDDED
 from .models import MODELS
@@ -43,7 +45,9 @@ class Config:
     algorithm: str = "fedavg"
     compressor: str = "none"
     ratio: float = 0.01  # kept fraction for topk / randk
-    error_feedback: bool = True  # EF residual per client (ignored for compressor "none")
+    # EF residual per client (ignored for compressor "none"); None: on for every compressor but
+    # QSGD, which is unbiased and whose EF diverges unless qsgd_levels > sqrt(qsgd_bucket)
+    error_feedback: bool | None = None
     sign_block: int = 512  # entries per scale of the sign compressor
     qsgd_levels: int = 4
     qsgd_bucket: int = 512
@@ -143,9 +147,18 @@ class Config:
                 bracket = "[" if closed_lo else "("
                 top = "3.4e38 (the largest float32)" if hi == F32_MAX else hi
                 raise ValueError(f"{name} must be in {bracket}{lo}, {top}]; got {v!r}")
+        if self.error_feedback is None:  # resolved here, so a run's saved config says which
+            self.error_feedback = self.compressor != "qsgd"
         for name in ("error_feedback", "sfc_double_way"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false; got {getattr(self, name)!r}")
+        if self.compressor == "qsgd" and self.error_feedback and self._qsgd_variance_bound() >= 1:
+            raise ValueError(
+                f"error_feedback with qsgd needs qsgd_levels > sqrt(qsgd_bucket) = {self.qsgd_bucket**0.5:.3g}: "
+                f"QSGD's variance bound at qsgd_levels={self.qsgd_levels}, qsgd_bucket={self.qsgd_bucket} is "
+                f"{self._qsgd_variance_bound():.3g} >= 1, and the residual then grows until the model is NaN; "
+                "set error_feedback = false (QSGD is unbiased) or raise qsgd_levels"
+            )
         if self.sfc_double_way and self.compressor != "3sfc":
             raise ValueError(f"sfc_double_way needs compressor '3sfc'; got compressor {self.compressor!r}")
         if self.syn_window <= self.syn_span:
@@ -162,6 +175,9 @@ class Config:
         if self.dataset not in EMBEDDED and not self.data_dir:
             raise ValueError(f"dataset {self.dataset!r} is read from files: set data_dir (--data-dir)")
         return self
+
+    def _qsgd_variance_bound(self) -> float:
+        return fedcomp.QSGD(self.qsgd_levels, self.qsgd_bucket).variance_bound()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

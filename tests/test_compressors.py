@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -138,6 +140,19 @@ def test_error_feedback_sends_what_the_fused_op_sends(backend):
     assert_same(p.sections[0], values, "values")
     assert_same(p.sections[1].long(), indices, "indices")
     assert_same(ef.residual("k"), r_ref, "residual")
+
+
+def test_error_feedback_warns_when_qsgd_is_not_contractive():
+    assert fedcomp.QSGD(4, 512).variance_bound() == pytest.approx(512**0.5 / 4)
+    assert fedcomp.QSGD(4, 512).variance_bound(10) == pytest.approx(10 / 16)  # a short tensor: one short bucket
+    assert fedcomp.QSGD(4, None).variance_bound() == math.inf and fedcomp.QSGD(4, None).variance_bound(9) == 9 / 16
+    with pytest.warns(UserWarning, match=r"ErrorFeedback\(QSGD\(levels=4, bucket=512, seed=0\)\): QSGD's variance "
+                      r"bound is 5.66 >= 1.*levels > sqrt\(bucket\)"):  # fmt: skip
+        fedcomp.ErrorFeedback(fedcomp.QSGD(4, 512))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fedcomp.ErrorFeedback(fedcomp.QSGD(23, 512))  # variance bound 0.98
+        fedcomp.ErrorFeedback(fedcomp.TopK(0.01))
 
 
 def test_error_feedback_keys_are_independent_and_checked():

@@ -26,7 +26,7 @@ from _support import FLOWER_NODES, strip_seconds  # noqa: E402
 from fedsynsam.config import Config  # noqa: E402
 from fedsynsam.flower import deploy  # noqa: E402
 from fedsynsam.flower.deploy import FlowerRunError, LocalFederation, flwr_bin  # noqa: E402
-from fedsynsam.flower.settings import AppSettings, write_app  # noqa: E402
+from fedsynsam.flower.settings import AppSettings, app_config, from_run_config, write_app  # noqa: E402
 from fedsynsam.rounds import RoundResult  # noqa: E402
 from fedsynsam.trainer import Trainer  # noqa: E402
 
@@ -226,3 +226,13 @@ def test_cli_refuses_bad_flower_settings_before_starting_anything(tmp_path):
     assert r.returncode == 2 and "dppf" in r.stderr
     r = cli("demo", "--out", str(tmp_path), "--round-timeout", "-1")
     assert r.returncode == 2 and "round_timeout must be" in r.stderr
+
+
+def test_unset_settings_survive_the_run_config():
+    """TOML has no null: the app's run config writes an unset setting as "" and reads it back unset."""
+    values = app_config()  # the defaults: data_dir and error_feedback unset
+    assert values["data_dir"] == "" and values["error_feedback"] == ""
+    cfg, _ = from_run_config(values)
+    assert cfg.data_dir is None and cfg.error_feedback is True  # resolved per compressor
+    cfg, _ = from_run_config({**values, "compressor": "qsgd"})
+    assert cfg.error_feedback is False

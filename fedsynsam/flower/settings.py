@@ -83,8 +83,9 @@ def from_run_config(run_config: dict) -> tuple[Config, AppSettings]:
     values = {k.replace("-", "_"): v for k, v in dict(run_config).items()}
     app_names = {f.name for f in dataclasses.fields(AppSettings)}
     app = AppSettings(**{k: values.pop(k) for k in list(values) if k in app_names}).validate()
-    if values.get("data_dir") == "":  # TOML has no null: "" stands for "no data_dir"
-        values["data_dir"] = None
+    for f in dataclasses.fields(Config):  # TOML has no null: "" stands for an unset data_dir, error_feedback
+        if f.default is None and values.get(f.name) == "":
+            values[f.name] = None
     cfg = Config.from_dict(values, source="run config").validate()
     return check_flower(cfg), app
 
