@@ -52,6 +52,14 @@ SCHEMAS = {
     "qsgd_accumulate": (
         "qsgd_accumulate(Tensor(a!) out, Tensor packed, Tensor norms, int levels, int bucket, float alpha) -> ()"
     ),
+    # many payloads of one kind and block size into one accumulator (fedcomp.aggregate)
+    "sign_accumulate_many": (
+        "sign_accumulate_many(Tensor(a!) out, Tensor[] packed, Tensor[] scales, int block, float[] alphas) -> ()"
+    ),
+    "qsgd_accumulate_many": (
+        "qsgd_accumulate_many(Tensor(a!) out, Tensor[] packed, Tensor[] norms, int levels, int bucket, "
+        "float[] alphas) -> ()"
+    ),
 }
 
 # Host-side helpers: computed on the CPU whatever the payload's device (no Triton/CUDA kernel).
@@ -125,6 +133,16 @@ def _(out, packed, scales, block, alpha):
 
 @torch.library.register_fake("fedcomp::qsgd_accumulate")
 def _(out, packed, norms, levels, bucket, alpha):
+    return None
+
+
+@torch.library.register_fake("fedcomp::sign_accumulate_many")
+def _(out, packed, scales, block, alphas):
+    return None
+
+
+@torch.library.register_fake("fedcomp::qsgd_accumulate_many")
+def _(out, packed, norms, levels, bucket, alphas):
     return None
 
 

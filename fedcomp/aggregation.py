@@ -8,7 +8,9 @@
 * identity payloads are added in place;
 * sign and QSGD payloads are decoded straight into the accumulator with
   :func:`fedcomp.sign_accumulate` / :func:`fedcomp.qsgd_accumulate` (one pass over
-  the codes, no dense tensor per client). ``sign="majority"`` instead takes
+  the codes, no dense tensor per client); consecutive payloads of one kind and block
+  size go in one call (``fedcomp::sign_accumulate_many`` / ``qsgd_accumulate_many``),
+  which on the CPU adds them all to each cached tile of the accumulator in turn. ``sign="majority"`` instead takes
   the bitwise majority of the packed bits (signSGD with majority vote,
   :func:`fedcomp.sign_majority`) and the weighted sum of the block scales.
 """
@@ -83,9 +85,31 @@ def aggregate(payloads, weights=None, *, out: Tensor | None = None, sign: str = 
     if sign == "majority":
         return _majority(payloads, w, out)
     _backend.backend_for(device.type)
-    for p, wi in zip(payloads, w):  # out, the weights and (when made) each payload are checked
-        p._accumulate(out, wi)
+    # out, the weights and (when made) each payload are checked: the kernels are called directly.
+    # A run of consecutive sign (or QSGD) payloads with the same block size is one fused call;
+    # each entry still receives the payloads' terms in list order, so the bits are those of one
+    # accumulate per payload.
+    i = 0
+    while i < len(payloads):
+        j = i + 1
+        while j < len(payloads) and _fusable(payloads[i], payloads[j]):
+            j += 1
+        if j - i == 1:
+            payloads[i]._accumulate(out, w[i])
+        else:
+            run = payloads[i:j]
+            packed, scales = [p.sections[0] for p in run], [p.sections[1] for p in run]
+            params = run[0].params
+            if run[0].kind == "sign":
+                torch.ops.fedcomp.sign_accumulate_many(out, packed, scales, params["block"], w[i:j])
+            else:
+                torch.ops.fedcomp.qsgd_accumulate_many(out, packed, scales, params["levels"], params["bucket"], w[i:j])
+        i = j
     return out
+
+
+def _fusable(first: Payload, p: Payload) -> bool:
+    return first.kind in ("sign", "qsgd") and p.kind == first.kind and p.params == first.params
 
 
 def _majority(payloads: list[Payload], w: list[float], out: Tensor) -> Tensor:

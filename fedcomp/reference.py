@@ -39,11 +39,15 @@ __all__ = [
     "sign_ef",
     "sign_decode",
     "sign_majority",
+    "sign_accumulate",
+    "sign_accumulate_many",
     "qsgd_bits",
     "qsgd_norms",
     "qsgd_codes",
     "qsgd",
     "qsgd_decode",
+    "qsgd_accumulate",
+    "qsgd_accumulate_many",
     "sparse_accumulate",
     "randk_positions",
 ]
@@ -247,6 +251,13 @@ def sign_accumulate(out: Tensor, packed: Tensor, scales: Tensor, block: int, alp
     out.add_(sign_decode(packed, scales, out.numel(), block) * alpha)
 
 
+def sign_accumulate_many(out: Tensor, packed, scales, block: int, alphas) -> None:
+    """:func:`sign_accumulate` of payload ``j = 0, 1, ...`` (``packed[j]``, ``scales[j]``,
+    ``alphas[j]``) in turn, through the dispatcher, so each runs on its device's kernel."""
+    for pj, sj, aj in zip(packed, scales, alphas):
+        torch.ops.fedcomp.sign_accumulate(out, pj, sj, block, aj)
+
+
 def sign_majority(packed_stack: Tensor) -> Tensor:
     """Bitwise majority over the rows of a ``[m >= 1, nbytes]`` uint8 stack; ties give 1."""
     m, nbytes = packed_stack.shape
@@ -313,6 +324,12 @@ def qsgd_decode(packed: Tensor, norms: Tensor, numel: int, levels: int, bucket: 
 def qsgd_accumulate(out: Tensor, packed: Tensor, norms: Tensor, levels: int, bucket: int, alpha: float) -> None:
     """``out += alpha * qsgd_decode(packed, norms, out.numel(), levels, bucket)`` (product rounded first)."""
     out.add_(qsgd_decode(packed, norms, out.numel(), levels, bucket) * alpha)
+
+
+def qsgd_accumulate_many(out: Tensor, packed, norms, levels: int, bucket: int, alphas) -> None:
+    """:func:`qsgd_accumulate` of payload ``j = 0, 1, ...`` in turn, through the dispatcher."""
+    for pj, nj, aj in zip(packed, norms, alphas):
+        torch.ops.fedcomp.qsgd_accumulate(out, pj, nj, levels, bucket, aj)
 
 
 # --------------------------------------------------------------------------

@@ -372,6 +372,18 @@ def qsgd_accumulate_triton(out: Tensor, packed: Tensor, norms: Tensor, levels: i
     _qsgd_decode_launch(out, packed, norms, levels, bucket, _alpha32(alpha), True)
 
 
+def sign_accumulate_many_triton(out: Tensor, packed, scales, block: int, alphas) -> None:
+    # one launch per payload, queued on one stream (each reads and writes out: 8.125 B/elem per
+    # payload); the CPU kernel instead adds every payload to a cached tile of out in turn
+    for pj, sj, aj in zip(packed, scales, alphas):
+        sign_accumulate_triton(out, pj, sj, block, aj)
+
+
+def qsgd_accumulate_many_triton(out: Tensor, packed, norms, levels: int, bucket: int, alphas) -> None:
+    for pj, nj, aj in zip(packed, norms, alphas):  # as sign_accumulate_many_triton
+        qsgd_accumulate_triton(out, pj, nj, levels, bucket, aj)
+
+
 # --------------------------------------------------------------------------
 # sparse accumulation
 # --------------------------------------------------------------------------

@@ -132,6 +132,71 @@ def test_accumulating_many_sign_payloads_equals_the_dense_weighted_sum(backend):
     assert_same(out, expected, "sum of 6 clients")
 
 
+@pytest.mark.parametrize("kind", ["sign", "qsgd"])
+@pytest.mark.parametrize("n", SIZES)
+def test_accumulate_many_equals_one_accumulate_per_payload_to_the_bit(backend, n, kind):
+    """The fused many-payload call (what aggregate uses) against the reference's accumulates, one
+    payload after another in list order; for blocks smaller and larger than a work item and odd
+    code widths (QSGD with 300 levels: 10 bits)."""
+    alphas = [0.3, -1.7, 1e-3, 2.5, 1.0]
+    for block, levels in ((3, 1), (100, 4), (70_001, 300)):
+        packed, scales = [], []
+        for c in range(len(alphas)):
+            x = torch.randn(n, generator=torch.Generator().manual_seed(10 * n + c))
+            if kind == "sign":
+                p, s = fedcomp.sign_ef(x, None, block)
+            else:
+                p, s = fedcomp.qsgd(x, None, levels, block, seed=c)
+            packed.append(p)
+            scales.append(s)
+        out, expected = _acc_start(n), _acc_start(n)
+        if kind == "sign":
+            torch.ops.fedcomp.sign_accumulate_many(out, packed, scales, block, alphas)
+            for p, s, a in zip(packed, scales, alphas):
+                reference.sign_accumulate(expected, p, s, block, a)
+        else:
+            torch.ops.fedcomp.qsgd_accumulate_many(out, packed, scales, levels, block, alphas)
+            for p, s, a in zip(packed, scales, alphas):
+                reference.qsgd_accumulate(expected, p, s, levels, block, a)
+        assert_same(out, expected, f"block={block}, levels={levels}")
+
+
+def test_aggregate_fuses_runs_of_one_kind_and_keeps_list_order(backend, monkeypatch):
+    """Consecutive sign/QSGD payloads with the same block size are one fused call; a payload of
+    another kind or block size ends the run, and the sum keeps list order (the same bits as one
+    accumulate per payload)."""
+    n = 5_003
+    xs = torch.randn(7, n, generator=torch.Generator().manual_seed(1))
+    payloads = [
+        fedcomp.Sign(64).compress(xs[0]),
+        fedcomp.Sign(64).compress(xs[1]),
+        fedcomp.TopK(0.1).compress(xs[2]),
+        fedcomp.Sign(64).compress(xs[3]),
+        fedcomp.Sign(128).compress(xs[4]),
+        fedcomp.QSGD(4, 512, seed=1).compress(xs[5]),
+        fedcomp.QSGD(4, 512, seed=2).compress(xs[6]),
+    ]
+    weights = [0.5, -0.25, 1.5, 0.125, 2.0, 0.3, -0.7]
+    expected = torch.zeros(n)
+    for p, w in zip(payloads, weights):
+        p.accumulate_into(expected, w)
+    calls = []
+    for name in ("sign_accumulate_many", "qsgd_accumulate_many", "sign_accumulate", "sparse_accumulate"):
+        op = getattr(torch.ops.fedcomp, name)
+        monkeypatch.setattr(torch.ops.fedcomp, name, lambda *a, _op=op, _name=name: calls.append(_name) or _op(*a))
+    assert_same(fedcomp.aggregate(payloads, weights), expected, "aggregate of a mixed list")
+    assert calls == ["sign_accumulate_many", "sparse_accumulate", "sign_accumulate", "sign_accumulate",
+                     "qsgd_accumulate_many"]  # fmt: skip
+
+
+def test_accumulate_many_kernel_checks_its_lists(backend):
+    out, packed = torch.zeros(8), torch.zeros(1, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="one entry per payload"):
+        torch.ops.fedcomp.sign_accumulate_many(out, [packed, packed], [torch.ones(1)], 8, [1.0, 1.0])
+    with pytest.raises(RuntimeError, match="length does not match numel"):
+        torch.ops.fedcomp.qsgd_accumulate_many(out, [packed], [torch.ones(1)], 4, 8, [1.0])
+
+
 ACC_BAD = [
     (lambda: fedcomp.sign_accumulate(torch.zeros(8).half(), torch.zeros(1, dtype=torch.uint8), torch.ones(1)),
      TypeError, "out must have dtype float32"),

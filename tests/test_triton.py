@@ -150,6 +150,24 @@ def test_qsgd_accumulate_equals_decode_then_add(n, levels, bucket):
     assert_same(out, expected, "accumulated")
 
 
+@pytest.mark.parametrize("n", [0, 7, 1023])
+def test_accumulate_many_equals_one_accumulate_per_payload(n):
+    xs = [make_input(n, torch.float32, seed=n + c)[0] for c in range(3)]
+    alphas = [0.5, -1.25, 3.0]
+    signs = [reference.sign_ef(x, None, 64, False) for x in xs]
+    out, expected = torch.ones(n), torch.ones(n)
+    T.sign_accumulate_many_triton(out, [p for p, _ in signs], [s for _, s in signs], 64, alphas)
+    for (p, s), a in zip(signs, alphas):
+        reference.sign_accumulate(expected, p, s, 64, a)
+    assert_same(out, expected, "sign")
+    quants = [reference.qsgd(x, None, 4, 100, c) for c, x in enumerate(xs)]
+    out, expected = torch.ones(n), torch.ones(n)
+    T.qsgd_accumulate_many_triton(out, [p for p, _ in quants], [s for _, s in quants], 4, 100, alphas)
+    for (p, s), a in zip(quants, alphas):
+        reference.qsgd_accumulate(expected, p, s, 4, 100, a)
+    assert_same(out, expected, "qsgd")
+
+
 def test_empty_inputs():
     x = torch.zeros(0)
     v, i = T.topk_ef_triton(x, torch.zeros(0), 0, torch.int64)

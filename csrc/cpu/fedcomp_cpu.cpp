@@ -797,51 +797,94 @@ inline int64_t put_code_bytes(const uint8_t* packed, const float* lut, int64_t i
   return i;
 }
 
+// Entries [b, e) of one payload's stream through `store`. A range starts wherever the caller
+// cuts (the sequential reader for odd widths starts its state at b).
+// 1-bit codes (sign): `words` 4-byte words of codes, 32 entries each, into out[0, 32 * words):
+// entry j of a word takes bit j's prepared value, lo (bit 0) or hi (bit 1), picked by an
+// integer mask (the same bits as the table lookup of put_code_bytes, with no branch), then
+// stored or (add) added. In an AVX2 clone the loop vectorises; the table lookup does not.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void sign_words(const uint8_t* packed, float lo, float hi, int64_t words, float* __restrict__ out, bool add) {
+  const uint32_t lo_bits = float_bits(lo), hi_bits = float_bits(hi);
+  for (int64_t w = 0; w < words; ++w) {
+    const uint8_t* b = packed + 4 * w;  // entry j is bit j of the little-endian word
+    const uint32_t word = b[0] | (b[1] << 8) | (b[2] << 16) | (static_cast<uint32_t>(b[3]) << 24);
+    float* o = out + 32 * w;
+    float v[32];
+    for (int j = 0; j < 32; ++j) {
+      const uint32_t m = 0u - ((word >> j) & 1u);
+      const uint32_t bits = (m & hi_bits) | (~m & lo_bits);
+      std::memcpy(&v[j], &bits, sizeof(float));
+    }
+    if (add) {
+      for (int j = 0; j < 32; ++j) o[j] = o[j] + v[j];
+    } else {
+      for (int j = 0; j < 32; ++j) o[j] = v[j];
+    }
+  }
+}
+
+// Entries [i, t) of 1-bit codes (i at a byte boundary) through `out`'s store: whole words by
+// sign_words, the rest by the table; returns t.
+template <typename Store>
+inline int64_t put_sign_words(const uint8_t* packed, const float* lut, int64_t i, int64_t t, const Store& out) {
+  const int64_t words = (t - i) / 32;
+  sign_words(packed + (i >> 3), lut[0], lut[1], words, out.out + i, std::is_same_v<Store, AccumulateStore>);
+  return put_code_bytes<1>(packed, lut, i + 32 * words, t, out);
+}
+
+template <typename Policy, typename Store>
+void dequantize_range(const uint8_t* packed, const float* scales, int64_t b, int64_t e, int64_t block,
+                      const Policy& p, const Store& store) {
+  const int w = p.bits();
+  const uint32_t mask = (1u << w) - 1u;
+  const Store out = store;  // a local copy: its pointer and alpha stay in registers
+  const uint8_t* in = packed + ((b * w) >> 3);
+  int skip = static_cast<int>((b * w) & 7), nacc = 0;
+  uint64_t acc = 0;
+  for (int64_t s = b; s < e;) {
+    const int64_t blk = s / block, t = std::min(e, (blk + 1) * block);
+    const float scale = scales[blk];
+    if (8 % w == 0) {  // 1, 2, 4 or 8 bits: a table of the block's 2^w (prepared) values
+      float lut[256];
+      for (uint32_t c = 0; c <= mask; ++c) lut[c] = out.prepare(p.value(c, scale));
+      const int64_t slot = 8 / w - 1;  // codes per byte - 1 (a power of two minus one)
+      int64_t i = s;
+      auto one = [&](int64_t j) { out.put(j, lut[(packed[(j * w) >> 3] >> ((j & slot) * w)) & mask]); };
+      for (; i < t && (i & slot); ++i) one(i);  // up to a byte boundary
+      switch (w) {                              // then whole bytes, constant shifts
+        case 1: i = put_sign_words(packed, lut, i, t, out); break;
+        case 2: i = put_code_bytes<2>(packed, lut, i, t, out); break;
+        case 4: i = put_code_bytes<4>(packed, lut, i, t, out); break;
+        default: i = put_code_bytes<8>(packed, lut, i, t, out); break;
+      }
+      for (; i < t; ++i) one(i);
+    } else {
+      // other widths: a sequential bit reader (w is fixed per call, so its state from b holds)
+      for (int64_t i = s; i < t; ++i) {
+        while (nacc < w + skip) {
+          acc |= static_cast<uint64_t>(*in++) << nacc;
+          nacc += 8;
+        }
+        acc >>= skip;
+        nacc -= skip;
+        skip = 0;
+        out.put(i, out.prepare(p.value(static_cast<uint32_t>(acc) & mask, scale)));
+        acc >>= w;
+        nacc -= w;
+      }
+    }
+    s = t;
+  }
+}
+
 template <typename Policy, typename Store>
 void dequantize_blocks(const uint8_t* packed, const float* scales, int64_t n, int64_t block,
                        const Policy& p, const Store& store) {
-  const int w = p.bits();
-  const uint32_t mask = (1u << w) - 1u;
-  for_chunks(n, kDecodeChunk, [&](int64_t, int64_t b, int64_t e) {
-    const Store out = store;  // a local copy: its pointer and alpha stay in registers
-    const uint8_t* in = packed + ((b * w) >> 3);
-    int skip = static_cast<int>((b * w) & 7), nacc = 0;
-    uint64_t acc = 0;
-    for (int64_t s = b; s < e;) {
-      const int64_t blk = s / block, t = std::min(e, (blk + 1) * block);
-      const float scale = scales[blk];
-      if (8 % w == 0) {  // 1, 2, 4 or 8 bits: a table of the block's 2^w (prepared) values
-        float lut[256];
-        for (uint32_t c = 0; c <= mask; ++c) lut[c] = out.prepare(p.value(c, scale));
-        const int64_t slot = 8 / w - 1;  // codes per byte - 1 (a power of two minus one)
-        int64_t i = s;
-        auto one = [&](int64_t j) { out.put(j, lut[(packed[(j * w) >> 3] >> ((j & slot) * w)) & mask]); };
-        for (; i < t && (i & slot); ++i) one(i);  // up to a byte boundary
-        switch (w) {                              // then whole bytes, constant shifts
-          case 1: i = put_code_bytes<1>(packed, lut, i, t, out); break;
-          case 2: i = put_code_bytes<2>(packed, lut, i, t, out); break;
-          case 4: i = put_code_bytes<4>(packed, lut, i, t, out); break;
-          default: i = put_code_bytes<8>(packed, lut, i, t, out); break;
-        }
-        for (; i < t; ++i) one(i);
-      } else {
-        // other widths: a sequential bit reader (w is fixed per call, so its state from b holds)
-        for (int64_t i = s; i < t; ++i) {
-          while (nacc < w + skip) {
-            acc |= static_cast<uint64_t>(*in++) << nacc;
-            nacc += 8;
-          }
-          acc >>= skip;
-          nacc -= skip;
-          skip = 0;
-          out.put(i, out.prepare(p.value(static_cast<uint32_t>(acc) & mask, scale)));
-          acc >>= w;
-          nacc -= w;
-        }
-      }
-      s = t;
-    }
-  });
+  for_chunks(n, kDecodeChunk,
+             [&](int64_t, int64_t b, int64_t e) { dequantize_range(packed, scales, b, e, block, p, store); });
 }
 
 template <typename Policy>
@@ -911,16 +954,50 @@ Tensor dequantize_cpu(const Tensor& packed, const Tensor& scales, int64_t numel,
   return out;
 }
 
-// out += alpha * decode, in the same single pass over the codes (no dense temporary).
-// Traffic: reads w/8 B of codes and 4 B of out, writes 4 B per element.
+// out += alphas[j] * decode(payload j) for j = 0, 1, ... in one parallel region: each work item
+// of kDecodeChunk entries adds every payload in turn, so `out` is read and written once for all
+// of them (from cache after the first) and each entry receives the same additions, in the same
+// order, as m accumulate_cpu calls: the same bits. Traffic: w/8 B of codes per payload and entry,
+// 8 B of out per entry (m separate calls: 8 B of out per payload and entry).
+template <typename Policy>
+void accumulate_many_cpu(const Tensor& out, at::TensorList packed, at::TensorList scales, int64_t block,
+                         at::ArrayRef<double> alphas, const Policy& p, const char* name) {
+  TORCH_CHECK(out.dim() == 1 && out.is_contiguous() && out.scalar_type() == at::kFloat, "fedcomp::", name,
+              ": out must be a contiguous 1-D float32 tensor");
+  const size_t m = packed.size();
+  TORCH_CHECK(scales.size() == m && alphas.size() == m, "fedcomp::", name,
+              ": packed, scales and alphas must have one entry per payload");
+  std::vector<const uint8_t*> pk(m);
+  std::vector<const float*> sc(m);
+  for (size_t j = 0; j < m; ++j) {
+    check_stream(packed[j], scales[j], out.numel(), block, p);
+    pk[j] = packed[j].const_data_ptr<uint8_t>();
+    sc[j] = scales[j].const_data_ptr<float>();
+  }
+  float* o = out.data_ptr<float>();
+  for_chunks(out.numel(), kDecodeChunk, [&](int64_t, int64_t b, int64_t e) {
+    for (size_t j = 0; j < m; ++j)
+      dequantize_range(pk[j], sc[j], b, e, block, p, AccumulateStore{o, static_cast<float>(alphas[j])});
+  });
+}
+
+// out += alpha * decode, in one pass over the codes (no dense temporary). Traffic: reads w/8 B of
+// codes and 4 B of out, writes 4 B per element.
 template <typename Policy>
 void accumulate_cpu(const Tensor& out, const Tensor& packed, const Tensor& scales, int64_t block, double alpha,
-                    const Policy& p) {
-  TORCH_CHECK(out.dim() == 1 && out.is_contiguous() && out.scalar_type() == at::kFloat,
-              "fedcomp: out must be a contiguous 1-D float32 tensor");
-  check_stream(packed, scales, out.numel(), block, p);
-  dequantize_blocks(packed.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(), out.numel(), block, p,
-                    AccumulateStore{out.data_ptr<float>(), static_cast<float>(alpha)});
+                    const Policy& p, const char* name) {
+  accumulate_many_cpu(out, {packed}, {scales}, block, {alpha}, p, name);
+}
+
+void sign_accumulate_many_cpu(const Tensor& out, at::TensorList packed, at::TensorList scales, int64_t block,
+                              at::ArrayRef<double> alphas) {
+  accumulate_many_cpu(out, packed, scales, block, alphas, SignPolicy<false>{}, "sign_accumulate_many");
+}
+
+void qsgd_accumulate_many_cpu(const Tensor& out, at::TensorList packed, at::TensorList norms, int64_t levels,
+                              int64_t bucket, at::ArrayRef<double> alphas) {
+  const int lv = static_cast<int>(levels);
+  accumulate_many_cpu(out, packed, norms, bucket, alphas, QsgdPolicy{lv, qsgd_bits(lv), 0}, "qsgd_accumulate_many");
 }
 
 std::tuple<Tensor, Tensor> sign_ef_cpu(const Tensor& x, const std::optional<Tensor>& residual,
@@ -941,7 +1018,7 @@ Tensor sign_decode_cpu(const Tensor& packed, const Tensor& scales, int64_t numel
 
 void sign_accumulate_cpu(const Tensor& out, const Tensor& packed, const Tensor& scales, int64_t block,
                          double alpha) {
-  accumulate_cpu(out, packed, scales, block, alpha, SignPolicy<false>{});
+  accumulate_cpu(out, packed, scales, block, alpha, SignPolicy<false>{}, "sign_accumulate");
 }
 
 // Many clients' updates, x [m, n], one Philox seed per row: row i is exactly qsgd(x[i], seed=seeds[i]).
@@ -970,7 +1047,7 @@ Tensor qsgd_decode_cpu(const Tensor& packed, const Tensor& norms, int64_t numel,
 void qsgd_accumulate_cpu(const Tensor& out, const Tensor& packed, const Tensor& norms, int64_t levels,
                          int64_t bucket, double alpha) {
   const int lv = static_cast<int>(levels);
-  accumulate_cpu(out, packed, norms, bucket, alpha, QsgdPolicy{lv, qsgd_bits(lv), 0});
+  accumulate_cpu(out, packed, norms, bucket, alpha, QsgdPolicy{lv, qsgd_bits(lv), 0}, "qsgd_accumulate");
 }
 
 // ===========================================================================
@@ -1199,6 +1276,8 @@ TORCH_LIBRARY_IMPL(fedcomp, CPU, m) {
   m.impl("topk_ef_rows", &topk_ef_rows_cpu);  // the same kernels serve [n] and [m, n]
   m.impl("sign_ef_rows", &sign_ef_rows_cpu);
   m.impl("qsgd_accumulate", &qsgd_accumulate_cpu);
+  m.impl("sign_accumulate_many", &sign_accumulate_many_cpu);
+  m.impl("qsgd_accumulate_many", &qsgd_accumulate_many_cpu);
 }
 
 }  // namespace fedcomp
