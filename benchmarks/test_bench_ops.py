@@ -45,6 +45,8 @@ def _ops(n: int, x, r):
     vals = torch.randn(10 * k)
     out = torch.zeros(n)
     stack = torch.randint(0, 256, (10, (n + 7) // 8), dtype=torch.uint8)
+    signs = fedcomp.Sign().compress_many(torch.stack([x + 0.01 * i for i in range(10)]))  # one scale each
+    mean = torch.empty(n)
     return {
         "topk_ef": {
             "cpu": lambda: fedcomp.topk_ef(x, r, k),
@@ -80,6 +82,11 @@ def _ops(n: int, x, r):
         "sign_majority (10 rows)": {
             "cpu": lambda: fedcomp.sign_majority(stack),
             "reference": lambda: reference.sign_majority(stack),
+        },
+        "aggregate (10 sign payloads)": {
+            "cpu": lambda: fedcomp.aggregate(signs, out=mean),
+            "reference": lambda: sum(reference.sign_decode(*p.sections, n, n) for p in signs) / 10,
+            "composite": lambda: bench.composite_decode_mean([p.sections for p in signs], n, "sign"),
         },
         "sparse_accumulate (10 x 1%)": {
             "cpu": lambda: fedcomp.sparse_accumulate(out, idx, vals, 0.1),

@@ -99,6 +99,12 @@ def composite_pipeline(xs: list[Tensor], residuals: list[Tensor], kind: str, rat
         buf = io.BytesIO()
         torch.save(msg, buf)
         received.append(torch.load(io.BytesIO(buf.getvalue())))
+    return composite_decode_mean(received, n, kind)
+
+
+def composite_decode_mean(received: list[tuple[Tensor, Tensor]], n: int, kind: str) -> Tensor:
+    """The server half of :func:`composite_pipeline`: every client's message (``(values, indices)``
+    or ``(packed signs, scale)``) decoded to a dense ``[n]`` tensor, then the mean of the stack."""
     decoded = []
     for first, second in received:
         if kind == "topk":
