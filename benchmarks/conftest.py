@@ -30,11 +30,11 @@ def table():
 
 @pytest.fixture
 def record(benchmark):
-    """Call as record(op, n, provider, fn): benchmarks fn and stores its median (ms)."""
+    """Call as record(op, n, provider, fn, rounds, warmup=1): benchmarks fn and stores its median (ms)."""
 
-    def run(op: str, n: int, provider: str, fn, rounds: int):
+    def run(op: str, n: int, provider: str, fn, rounds: int, warmup: int = 1):
         benchmark.group = f"{op} n={n:.0e}"
-        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
         if benchmark.stats is not None:  # None under --benchmark-disable (the test suite's smoke run)
             _RESULTS[(op, n)][provider] = benchmark.stats.stats.median * 1e3
 
