@@ -55,7 +55,7 @@ def _ops(n: int, x, r):
         },
         "randk_ef": {
             "cpu": lambda: fedcomp.randk_ef(x, r, k, 7),
-            "reference": lambda: reference.randk_ef_rows(x[None], r[None], fedcomp.wire.round_keys([7]), k),
+            "reference": lambda: reference.randk_ef_rows(x[None], r[None], [7], k),
             "composite": lambda: bench.composite_randk_ef(x, r, k),
         },
         "sign_ef": {

@@ -36,8 +36,7 @@ SCHEMAS = {
         "sign_ef_rows(Tensor x, Tensor(a!)? residual, int block, bool l2, int[]? rows=None) -> (Tensor, Tensor)"
     ),
     "randk_ef_rows": (
-        "randk_ef_rows(Tensor x, Tensor(a!)? residual, Tensor round_keys, int k, int[]? rows=None) "
-        "-> (Tensor, Tensor)"
+        "randk_ef_rows(Tensor x, Tensor(a!)? residual, int[] seeds, int k, int[]? rows=None) -> (Tensor, Tensor)"
     ),
     "sign_decode": "sign_decode(Tensor packed, Tensor scales, int numel, int block) -> Tensor",
     "sign_majority": "sign_majority(Tensor packed_stack) -> Tensor",
@@ -159,7 +158,7 @@ def _(x, residual, block, l2, rows=None):
 
 
 @torch.library.register_fake("fedcomp::randk_ef_rows")
-def _(x, residual, round_keys, k, rows=None):
+def _(x, residual, seeds, k, rows=None):
     m = x.shape[0]
     return x.new_empty((m, k)), x.new_empty((m, k), dtype=torch.int64)
 

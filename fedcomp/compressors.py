@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, ops
-from .wire import Payload, _positions, index_dtype_for, round_keys, splitmix64, wire_nbytes
+from .wire import Payload, _remember_positions, index_dtype_for, splitmix64, wire_nbytes
 
 __all__ = ["Compressor", "Identity", "TopK", "RandK", "Sign", "QSGD", "ErrorFeedback", "EF21"]
 
@@ -249,10 +249,9 @@ class RandK(_Seeded):
         n = x.shape[1]
         k = _count(self.ratio, n)
         seeds = [self._next_seed() for _ in range(x.shape[0])]
-        values, positions = ops._ops.randk_ef_rows(x, residual, round_keys(seeds), k, rows)
+        values, positions = ops._ops.randk_ef_rows(x, residual, seeds, k, rows)
         if positions.device.type == "cpu":  # a receiver in this process (a simulation) reuses them
-            for s, p in zip(seeds, positions):
-                _positions(s, k, n, p)
+            _remember_positions(k, n, zip(seeds, positions.unbind()))
         return [Payload._trusted("randk", x.dtype, n, {"k": k, "seed": s}, (v,)) for s, v in zip(seeds, values)]
 
     def __repr__(self) -> str:

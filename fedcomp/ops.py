@@ -269,8 +269,6 @@ def randk_ef(x: Tensor, residual: Tensor | None, k: int, seed, *, rows=None) -> 
         ``(values [k] x.dtype, positions [k] int64)``, ascending positions (``[m, k]`` each
         for a stack).
     """
-    from .wire import round_keys
-
     x = _input(x, residual, rows=True, residual_rows=rows)
     n = x.shape[-1]
     k = _check_int("k", k, 0, n)
@@ -282,11 +280,11 @@ def randk_ef(x: Tensor, residual: Tensor | None, k: int, seed, *, rows=None) -> 
         1 if one else x.shape[0]
     ):
         raise ValueError(f"seed must be an int for x of shape [n], or {x.shape[0]} ints for x of shape [m, n]")
-    keys = round_keys([_check_int("seed", s, 0, (1 << 63) - 1) for s in seeds])
+    seeds = [_check_int("seed", s, 0, (1 << 63) - 1) for s in seeds]
     if one:
-        values, positions = _ops.randk_ef_rows(x[None], None if residual is None else residual[None], keys, k, None)
+        values, positions = _ops.randk_ef_rows(x[None], None if residual is None else residual[None], seeds, k, None)
         return values[0], positions[0]
-    return _ops.randk_ef_rows(x, residual, keys, k, _int_list(rows))
+    return _ops.randk_ef_rows(x, residual, seeds, k, _int_list(rows))
 
 
 def _check_stream(packed, scales, numel, block, width: int, scales_name: str) -> tuple[int, int]:

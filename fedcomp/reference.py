@@ -400,21 +400,25 @@ def randk_positions(round_keys: Tensor, k: int, n: int) -> Tensor:
     return torch.cat(found).sort().values if found else torch.zeros(0, dtype=torch.int64)
 
 
-def randk_ef_rows(x: Tensor, residual: Tensor | None, round_keys: Tensor, k: int, rows=None):
+def randk_ef_rows(x: Tensor, residual: Tensor | None, seeds, k: int, rows=None):
     """Rand-k with error feedback on each row of ``x [m, n]``: ``a = x[i] + residual row``
     (rounded to ``x.dtype``; the row is ``i``, or ``rows[i]`` of a ``[K, n]`` residual), then
-    ``values[i] = a[p_i]`` with ``p_i = randk_positions(round_keys[i], k, n)`` and the residual
-    row set to ``a`` with ``p_i`` zeroed.
+    ``values[i] = a[p_i]`` with ``p_i = randk_positions(round_keys(seeds)[i], k, n)`` (round keys
+    ``splitmix64(seed, 0..3)``, :func:`fedcomp.wire.round_keys`) and the residual row set to
+    ``a`` with ``p_i`` zeroed.
 
     Returns:
         ``(values [m, k] x.dtype, positions [m, k] int64 on x's device)``.
     """
+    from .wire import round_keys
+
     m, n = x.shape
     rows = range(m) if rows is None else rows
+    keys = round_keys(seeds)
     values, positions = [], []
     for i, j in enumerate(rows):
         # the host op: the C++ kernel when it is built, else randk_positions above
-        pos = torch.ops.fedcomp.randk_positions(round_keys[i].cpu(), k, n).to(x.device)
+        pos = torch.ops.fedcomp.randk_positions(keys[i], k, n).to(x.device)
         if residual is None:
             values.append(x[i][pos])
         else:

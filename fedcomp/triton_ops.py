@@ -664,11 +664,11 @@ def qsgd_rows_triton(x: Tensor, residual: Tensor | None, levels: int, bucket: in
     return apply_rows(qsgd_triton, x, residual, levels, bucket, rows=rows, per_row=seeds)
 
 
-def randk_ef_rows_triton(x: Tensor, residual: Tensor | None, round_keys: Tensor, k: int, rows=None):
+def randk_ef_rows_triton(x: Tensor, residual: Tensor | None, seeds, k: int, rows=None):
     # Rand-k has no kernel of its own on the GPU: the positions come from the host op (as the
     # receiver's do) and the add, gather and zeroing are device-side torch ops, queued with no
     # host synchronisation.
-    return randk_ef_rows(x, residual, round_keys, k, rows)
+    return randk_ef_rows(x, residual, seeds, k, rows)
 
 
 # --------------------------------------------------------------------------

@@ -132,26 +132,33 @@ _memo: collections.OrderedDict = collections.OrderedDict()  # (seed, k, n) -> [k
 _memo_lock = threading.Lock()
 
 
-def _positions(seed: int, k: int, n: int, known: Tensor | None = None) -> Tensor:
+def _positions(seed: int, k: int, n: int) -> Tensor:
     """The positions of :func:`randk_indices` on the CPU (arguments already checked), memoised
-    for ``k <= 65536`` (the last 64). ``known``: positions a sender just computed for this
-    ``(seed, k, n)`` (``fedcomp.randk_ef``), remembered instead of computed. Do not modify the
-    result."""
+    for ``k <= 65536`` (the last 64; a sender's are remembered by :func:`_remember_positions`).
+    Do not modify the result."""
     key = (seed, k, n)
     with _memo_lock:
         hit = _memo.get(key)
         if hit is not None:
             _memo.move_to_end(key)
             return hit
-    if known is None:
-        _backend.backend_for("cpu")  # loads the C++ kernels when they can be built
-        known = torch.ops.fedcomp.randk_positions(round_keys([seed])[0], k, n)
-    if k <= _MEMO_MAX_K:
-        with _memo_lock:
-            _memo[key] = known
-            if len(_memo) > _MEMO_SIZE:
-                _memo.popitem(last=False)
-    return known
+    _backend.backend_for("cpu")  # loads the C++ kernels when they can be built
+    positions = torch.ops.fedcomp.randk_positions(round_keys([seed])[0], k, n)
+    _remember_positions(k, n, [(seed, positions)])
+    return positions
+
+
+def _remember_positions(k: int, n: int, known) -> None:
+    """Memoise positions just computed: ``known`` holds pairs ``(seed, [k] int64 on the CPU)``,
+    stored under one acquisition of the lock."""
+    if k > _MEMO_MAX_K:
+        return
+    with _memo_lock:
+        for seed, positions in known:
+            _memo[(seed, k, n)] = positions
+            _memo.move_to_end((seed, k, n))
+        while len(_memo) > _MEMO_SIZE:
+            _memo.popitem(last=False)
 
 
 def round_keys(seeds) -> Tensor:
@@ -402,8 +409,11 @@ class Payload:
         device) and ``alpha`` (a finite float) are checked: the sections were checked when the
         payload was made, so the kernels are called directly."""
         kind, sections = self.kind, self.sections
-        if kind in ("topk", "randk"):
-            torch.ops.fedcomp.sparse_accumulate(out, self.indices(), sections[0].detach(), alpha)
+        if kind == "topk":
+            torch.ops.fedcomp.sparse_accumulate(out, sections[1], sections[0].detach(), alpha)
+        elif kind == "randk":  # the memoised positions are only read here: no copy on the CPU
+            positions = _positions(self.params["seed"], self.params["k"], self.numel).to(out.device)
+            torch.ops.fedcomp.sparse_accumulate(out, positions, sections[0].detach(), alpha)
         elif kind == "sign":
             torch.ops.fedcomp.sign_accumulate(out, *sections, self.params["block"], alpha)
         elif kind == "qsgd":

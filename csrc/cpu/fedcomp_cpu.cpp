@@ -1202,6 +1202,15 @@ void feistel_block(uint64_t v0, int half, uint64_t mask, const uint64_t* key, ui
   }
 }
 
+// fedcomp.wire.splitmix64: a 63-bit value for `counter` of the stream keyed by `seed` (the
+// SplitMix64 finaliser; every product wraps mod 2^64, as the Python masks it).
+inline uint64_t splitmix64(uint64_t seed, uint64_t counter) {
+  uint64_t z = seed * 0x9E3779B97F4A7C15ull + (counter + 1) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return (z ^ (z >> 31)) >> 1;
+}
+
 // The k positions for one row's four round keys, written sorted to o[0, k).
 void randk_positions_into(const int64_t* round_keys, int64_t k, int64_t n, int64_t* o) {
   uint64_t key[4];
@@ -1244,18 +1253,23 @@ Tensor randk_positions_cpu(const Tensor& round_keys, int64_t k, int64_t n) {
   return out;
 }
 
-// randk_ef_rows: per row i, the positions of round_keys[i], a = x[i] + residual row (rounded
-// to x's dtype, stored in the row), values = a[positions], then the positions zeroed: the
-// rand-k compressor's steps in one call for all rows (one parallel region over rows, or over
-// the add when there are fewer rows than threads).
+// randk_ef_rows: per row i, the positions of seeds[i] (round keys splitmix64(seed, 0..3), as
+// fedcomp.wire.round_keys), a = x[i] + residual row (rounded to x's dtype, stored in the row),
+// values = a[positions], then the positions zeroed: the rand-k compressor's steps in one call
+// for all rows (one parallel region over rows, or over the add when there are fewer rows than
+// threads).
 std::tuple<Tensor, Tensor> randk_ef_rows_cpu(const Tensor& x, const std::optional<Tensor>& residual,
-                                             const Tensor& round_keys, int64_t k, at::OptionalIntArrayRef rows) {
+                                             at::IntArrayRef seeds, int64_t k, at::OptionalIntArrayRef rows) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fedcomp::randk_ef_rows: x must be 2-D contiguous");
   const int64_t m = x.size(0), n = x.size(1);
-  TORCH_CHECK(round_keys.dim() == 2 && round_keys.size(0) == m && round_keys.size(1) == 4 &&
-                  round_keys.scalar_type() == at::kLong && round_keys.device().is_cpu() && k >= 0 && k <= n,
-              "fedcomp::randk_ef_rows: round_keys must be [m, 4] int64 on the CPU and 0 <= k <= n");
-  const Tensor keys = round_keys.contiguous();
+  TORCH_CHECK(static_cast<int64_t>(seeds.size()) == m && k >= 0 && k <= n,
+              "fedcomp::randk_ef_rows: seeds must hold one seed per row of x and 0 <= k <= n");
+  std::vector<int64_t> keys(4 * m);
+  for (int64_t i = 0; i < m; ++i) {
+    TORCH_CHECK(seeds[i] >= 0, "fedcomp::randk_ef_rows: seeds must be in [0, 2^63)");
+    for (int r = 0; r < 4; ++r)
+      keys[4 * i + r] = static_cast<int64_t>(splitmix64(static_cast<uint64_t>(seeds[i]), static_cast<uint64_t>(r)));
+  }
   Tensor values = at::empty({m, k}, x.options());
   Tensor positions = at::empty({m, k}, x.options().dtype(at::kLong));
   const std::vector<int64_t> rrow = residual_rows(residual, rows, m, n, "randk_ef_rows");
@@ -1264,7 +1278,7 @@ std::tuple<Tensor, Tensor> randk_ef_rows_cpu(const Tensor& x, const std::optiona
     scalar_t* r = residual ? residual->data_ptr<scalar_t>() : nullptr;
     scalar_t* v = values.data_ptr<scalar_t>();
     int64_t* pos = positions.data_ptr<int64_t>();
-    const int64_t* kp = keys.const_data_ptr<int64_t>();
+    const int64_t* kp = keys.data();
     for_rows(m, [&](int64_t i) {  // rows in parallel, or (fewer rows than threads) the add
       int64_t* p = pos + i * k;
       randk_positions_into(kp + 4 * i, k, n, p);
