@@ -10,9 +10,10 @@
   :func:`fedcomp.sign_accumulate` / :func:`fedcomp.qsgd_accumulate` (one pass over
   the codes, no dense tensor per client); consecutive payloads of one kind and block
   size go in one call (``fedcomp::sign_accumulate_many`` / ``qsgd_accumulate_many``),
-  which on the CPU adds them all to each cached tile of the accumulator in turn. ``sign="majority"`` instead takes
-  the bitwise majority of the packed bits (signSGD with majority vote,
-  :func:`fedcomp.sign_majority`) and the weighted sum of the block scales.
+  which on the CPU adds them all to each cached tile of the accumulator in turn.
+
+``sign="majority"`` instead takes the bitwise majority of the packed bits (signSGD with
+majority vote, :func:`fedcomp.sign_majority`) and the weighted sum of the block scales.
 """
 
 from __future__ import annotations

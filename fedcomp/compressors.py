@@ -316,9 +316,10 @@ class QSGD(_Seeded):
         ``d`` entries (``bucket``, or ``numel`` when ``bucket`` is None; ``numel=None`` there
         means any size: ``inf``). Error feedback is only guaranteed to stay bounded for
         ``ω < 1``; at the default ``levels=4, bucket=512`` it is 5.66."""
-        d = self.bucket if self.bucket is None or numel is None else min(self.bucket, numel)
-        if d is None:
-            d = numel if numel is not None else math.inf
+        if self.bucket is None:
+            d = math.inf if numel is None else numel
+        else:
+            d = self.bucket if numel is None else min(self.bucket, numel)
         return min(d / self.levels**2, math.sqrt(d) / self.levels)
 
     def _encode(self, x, residual):
