@@ -826,8 +826,6 @@ inline int64_t put_code_bytes(const uint8_t* packed, const float* lut, int64_t i
   return i;
 }
 
-// Entries [b, e) of one payload's stream through `store`. A range starts wherever the caller
-// cuts (the sequential reader for odd widths starts its state at b).
 // 1-bit codes (sign): `words` 4-byte words of codes, 32 entries each, into out[0, 32 * words):
 // entry j of a word takes bit j's prepared value, lo (bit 0) or hi (bit 1), picked by an
 // integer mask (the same bits as the table lookup of put_code_bytes, with no branch), then
@@ -864,6 +862,8 @@ inline int64_t put_sign_words(const uint8_t* packed, const float* lut, int64_t i
   return put_code_bytes<1>(packed, lut, i + 32 * words, t, out);
 }
 
+// Entries [b, e) of one payload's stream through `store`. A range starts wherever the caller
+// cuts (the sequential reader for odd widths starts its state at b).
 template <typename Policy, typename Store>
 void dequantize_range(const uint8_t* packed, const float* scales, int64_t b, int64_t e, int64_t block,
                       const Policy& p, const Store& store) {
