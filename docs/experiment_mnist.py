@@ -201,11 +201,13 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 def paired(
     results: Results, grid_a: str, run_a: tuple, grid_b: str, run_b: tuple, key: str, seeds=MAIN_SEEDS
 ) -> list[float]:
-    """``a - b`` for every seed of ``seeds`` where both runs are finished and measured."""
+    """``a - b`` for every seed of ``seeds`` where both runs are finished and measured (a run
+    whose sharpness is still being measured is left out of its accuracy pairs too, so that every
+    column of a row describes the same runs)."""
     diffs = []
     for s in seeds:
         x, y = results.get(grid_a, *run_a, s), results.get(grid_b, *run_b, s)
-        if x.get(key) is not None and y.get(key) is not None:
+        if "lambda_max" in x and "lambda_max" in y and x.get(key) is not None and y.get(key) is not None:
             diffs.append(x[key] - y[key])
     return diffs
 

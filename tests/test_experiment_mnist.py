@@ -48,7 +48,8 @@ def test_paired_interval_and_agreement(tmp_path):
     for c, values in accs.items():
         for s, v in enumerate(values):
             if not (c == "topk" and s == 4):  # one run unfinished: that seed drops out of the pairing
-                _write(tmp_path, "alpha0.1", "fedavg", c, s, mean_test_acc_last5=v)
+                _write(tmp_path, "alpha0.1", "fedavg", c, s, mean_test_acc_last5=v, lambda_max=1.0)
+    _write(tmp_path, "alpha0.1", "fedavg", "topk", 4, mean_test_acc_last5=0.5)  # trained, not yet measured
     results = exp.Results(tmp_path, tmp_path / "runs.jsonl")
     diffs = exp.paired(results, "alpha0.1", ("fedavg", "topk"), "alpha0.1", ("fedavg", "none"), "mean_test_acc_last5")
     assert diffs == pytest.approx([-0.02, -0.01, 0.01, -0.03])
