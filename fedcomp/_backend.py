@@ -186,6 +186,17 @@ def backend_for(device_type: str) -> str:
     return "reference"
 
 
+def backend_of(t) -> str:
+    """:func:`backend_for` the device of tensor ``t``. Reads ``is_cpu`` / ``is_cuda`` rather than
+    ``t.device.type``, whose string costs 4-15 us the first time after other work (a trainer's
+    compress and aggregate paths call this several times per round)."""
+    if t.is_cpu:
+        return cpu_backend()
+    if t.is_cuda:
+        return gpu_backend()
+    return backend_for(t.device.type)
+
+
 def cpu_error() -> str | None:
     """Why the C++ kernels are not in use (None when they are, or before the choice)."""
     return _cpu_error

@@ -85,7 +85,7 @@ def aggregate(payloads, weights=None, *, out: Tensor | None = None, sign: str = 
         out.zero_()
     if sign == "majority":
         return _majority(payloads, w, out)
-    _backend.backend_for(device.type)
+    _backend.backend_of(payloads[0].sections[0])
     # out, the weights and (when made) each payload are checked: the kernels are called directly.
     # A run of consecutive sign (or QSGD) payloads with the same block size is one fused call;
     # each entry still receives the payloads' terms in list order, so the bits are those of one

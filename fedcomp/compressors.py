@@ -52,8 +52,16 @@ def _checked(x) -> Tensor:
         raise TypeError(f"x must have dtype float32, float16 or bfloat16; got {x.dtype}")
     if not x.is_contiguous():
         raise ValueError("x must be contiguous; call .contiguous() first")
-    _backend.backend_for(x.device.type)
+    _backend.backend_of(x)
     return x.detach()
+
+
+def _row_payloads(kind: str, x: Tensor, params: list[dict], *stacks: Tensor) -> list[Payload]:
+    """One payload per row of ``x`` ``[m, n]``, with ``params[i]`` and row ``i`` of each of a
+    batched op's ``[m, ...]`` outputs as its sections (``unbind``: iterating a tensor goes
+    through a Python-level ``Tensor.__iter__`` per output)."""
+    rows = zip(*(s.unbind() for s in stacks))
+    return [Payload._trusted(kind, x.dtype, x.shape[1], p, sections) for p, sections in zip(params, rows)]
 
 
 def _ratio(ratio) -> float:
@@ -178,7 +186,7 @@ class TopK(Compressor):
         n = x.shape[1]
         k = _count(self.ratio, n)
         values, indices = ops._ops.topk_ef_rows(x, residual, k, index_dtype_for(n), rows)
-        return [Payload._trusted("topk", x.dtype, n, {"k": k}, (v, i)) for v, i in zip(values, indices)]
+        return _row_payloads("topk", x, [{"k": k}] * x.shape[0], values, indices)
 
     def _encode(self, x, residual):
         n, idx_dtype = x.numel(), index_dtype_for(x.numel())
@@ -250,9 +258,9 @@ class RandK(_Seeded):
         k = _count(self.ratio, n)
         seeds = [self._next_seed() for _ in range(x.shape[0])]
         values, positions = ops._ops.randk_ef_rows(x, residual, seeds, k, rows)
-        if positions.device.type == "cpu":  # a receiver in this process (a simulation) reuses them
+        if positions.is_cpu:  # a receiver in this process (a simulation) reuses them
             _remember_positions(k, n, zip(seeds, positions.unbind()))
-        return [Payload._trusted("randk", x.dtype, n, {"k": k, "seed": s}, (v,)) for s, v in zip(seeds, values)]
+        return _row_payloads("randk", x, [{"k": k, "seed": s} for s in seeds], values)
 
     def __repr__(self) -> str:
         return f"RandK(ratio={self.ratio}, seed={self.seed})"
@@ -285,7 +293,7 @@ class Sign(Compressor):
     def _encode_rows(self, x, residual, rows):
         params = self._params(x.shape[1])
         packed, scales = ops._ops.sign_ef_rows(x, residual, params["block"], self.scale == "l2", rows)
-        return [Payload._trusted("sign", x.dtype, x.shape[1], params, (p, s)) for p, s in zip(packed, scales)]
+        return _row_payloads("sign", x, [params] * x.shape[0], packed, scales)
 
     def __repr__(self) -> str:
         return f"Sign(block={self.block}, scale={self.scale!r})"
@@ -331,7 +339,7 @@ class QSGD(_Seeded):
         params = self._params(x.shape[1])
         seeds = [self._next_seed() for _ in range(x.shape[0])]
         packed, norms = ops._ops.qsgd_rows(x, residual, self.levels, params["bucket"], seeds, rows)
-        return [Payload._trusted("qsgd", x.dtype, x.shape[1], params, (p, n)) for p, n in zip(packed, norms)]
+        return _row_payloads("qsgd", x, [params] * x.shape[0], packed, norms)
 
     def __repr__(self) -> str:
         return f"QSGD(levels={self.levels}, bucket={self.bucket}, seed={self.seed})"
@@ -510,15 +518,23 @@ class ErrorFeedback(_Stateful):
         keys = [_check_key(k) for k in keys]
         if len(keys) != x.shape[0] or len(set(keys)) != len(keys):
             raise ValueError(f"keys must be {x.shape[0]} distinct keys, one per row of x; got {keys!r}")
-        residuals = [self._residual(k, x) for k in keys]
         if type(self.compressor)._encode_rows is Compressor._encode_rows or x.shape[1] >= _ROWS_BATCH_BELOW:
+            residuals = [self._residual(k, x) for k in keys]
             return [self.compressor._encode(x[i], r) for i, r in enumerate(residuals)]
+        home = self._home
+        for k in keys:  # a new key gets its row; a known one is checked with its buffer below
+            if k not in home:
+                self._residual(k, x)
         groups: dict[int, tuple[Tensor, list[int], list[int]]] = {}  # one batched call per buffer
         for i, k in enumerate(keys):
-            buffer, row = self._home[k]
+            buffer, row = home[k]
             group = groups.setdefault(id(buffer), (buffer, [], []))
             group[1].append(i)
             group[2].append(row)
+        for buffer, idx, _ in groups.values():  # every key of a buffer holds residuals like x, or none
+            if buffer.shape[1] != x.shape[1] or buffer.dtype != x.dtype or buffer.device != x.device:
+                for i in idx:
+                    self._residual(keys[i], x)  # raises, naming the key
         payloads: list = [None] * len(keys)
         for buffer, idx, rows in groups.values():
             part = x if len(idx) == len(keys) else x[idx]

@@ -140,7 +140,7 @@ def _input(x, residual, *, rows: bool = False, residual_rows=None) -> Tensor:
             raise ValueError(f"x must be 1-D, or 2-D [clients, n]; got shape {tuple(x.shape)}")
         _check_tensor("x", x, FLOAT_DTYPES)
     _check_residual(residual, x, residual_rows)
-    _backend.backend_for(x.device.type)
+    _backend.backend_of(x)
     return x.detach()
 
 
@@ -302,7 +302,7 @@ def _check_stream(packed, scales, numel, block, width: int, scales_name: str) ->
         )
     if scales.device != packed.device:
         raise ValueError(f"{scales_name} must be on the device of packed ({packed.device}); got {scales.device}")
-    _backend.backend_for(packed.device.type)
+    _backend.backend_of(packed)
     return numel, block
 
 
@@ -332,7 +332,7 @@ def sign_majority(packed_stack: Tensor) -> Tensor:
     _check_tensor("packed_stack", packed_stack, (torch.uint8,), dim=2)
     if packed_stack.shape[0] < 1:
         raise ValueError("packed_stack must have at least one row")
-    _backend.backend_for(packed_stack.device.type)
+    _backend.backend_of(packed_stack)
     return _ops.sign_majority(packed_stack)
 
 
@@ -401,7 +401,7 @@ def sparse_accumulate(out: Tensor, indices: Tensor, values: Tensor, alpha: float
         if t.device != out.device:
             raise ValueError(f"{name} must be on the device of out ({out.device}); got {t.device}")
     alpha = _check_alpha(alpha)
-    _backend.backend_for(out.device.type)
+    _backend.backend_of(out)
     _ops.sparse_accumulate(out, indices, values.detach(), alpha)
     return out
 

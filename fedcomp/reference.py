@@ -341,7 +341,7 @@ def check_indices(indices: Tensor, n: int) -> None:
     On a GPU the check is a device-side assertion instead (``torch._assert_async``): no host
     synchronisation in the aggregation path; a bad index fails the next synchronising call.
     """
-    if indices.numel() and indices.device.type == "cuda":
+    if indices.numel() and indices.is_cuda:
         torch._assert_async(
             (indices.min() >= 0) & (indices.max() < n), f"sparse_accumulate: indices must lie in [0, {n})"
         )

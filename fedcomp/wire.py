@@ -401,7 +401,7 @@ class Payload:
         ops._check_accumulator(out, self.sections[0])  # a contiguous 1-D fp32 tensor on the payload's device
         if out.numel() != self.numel:
             raise ValueError(f"out must have {self.numel} entries; got {out.numel()}")
-        _backend.backend_for(out.device.type)
+        _backend.backend_of(out)
         return self._accumulate(out, ops._check_alpha(alpha))
 
     def _accumulate(self, out: Tensor, alpha: float) -> Tensor:

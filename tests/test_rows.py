@@ -214,6 +214,20 @@ def test_rows_pick_residual_rows_of_a_shared_buffer(backend, n, dtype):
         assert_same(ref[0], got[0], f"{op.__name__} first output vs reference")
 
 
+def test_compress_many_refuses_a_key_whose_residual_does_not_fit():
+    """A known key whose residual has another length or dtype than x's rows: the error names the
+    key, and no residual changes."""
+    ef = fedcomp.ErrorFeedback(fedcomp.TopK(0.1))
+    ef.compress_many(torch.randn(2, 100), ["a", "b"])
+    before = {k: ef.residual(k).clone() for k in "ab"}
+    with pytest.raises(ValueError, match="state for key 'a' holds 100 entries on cpu; got 50"):
+        ef.compress_many(torch.randn(2, 50), ["c", "a"])
+    with pytest.raises(TypeError, match="state for key 'b' has dtype torch.float32; got x of dtype torch.float16"):
+        ef.compress_many(torch.randn(2, 100, dtype=torch.float16), ["b", "d"])
+    for k in "ab":
+        assert_same(ef.residual(k), before[k], f"residual {k}")
+
+
 def test_pooled_residuals_grow_reset_and_restore():
     """ErrorFeedback keeps short residuals as rows of shared buffers: more keys than one buffer
     holds (batched per buffer), a reset key's row comes back zeroed to the next key, and
