@@ -410,7 +410,7 @@ def randk_ef_rows(x: Tensor, residual: Tensor | None, seeds, k: int, rows=None):
     Returns:
         ``(values [m, k] x.dtype, positions [m, k] int64 on x's device)``.
     """
-    from .wire import round_keys
+    from .wire import host_to_device, round_keys
 
     m, n = x.shape
     rows = range(m) if rows is None else rows
@@ -418,7 +418,7 @@ def randk_ef_rows(x: Tensor, residual: Tensor | None, seeds, k: int, rows=None):
     values, positions = [], []
     for i, j in enumerate(rows):
         # the host op: the C++ kernel when it is built, else randk_positions above
-        pos = torch.ops.fedcomp.randk_positions(keys[i], k, n).to(x.device)
+        pos = host_to_device(torch.ops.fedcomp.randk_positions(keys[i], k, n), x)
         if residual is None:
             values.append(x[i][pos])
         else:

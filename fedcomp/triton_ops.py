@@ -26,7 +26,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from .reference import apply_rows, check_indices, qsgd_bits, randk_ef_rows  # noqa: E402
+from .reference import check_indices, qsgd_bits, randk_ef_rows  # noqa: E402
+from .wire import host_to_device  # noqa: E402
 
 __all__ = [
     "topk_ef_triton",
@@ -57,6 +58,22 @@ def _grid(n: int, tile: int = TILE) -> tuple[int]:
     return (max(1, triton.cdiv(n, tile)),)
 
 
+def _shape(x: Tensor) -> tuple[int, int]:
+    """(rows, entries per row) of one tensor ``[n]`` (one row) or a stack ``[m, n]``."""
+    return (1, x.numel()) if x.dim() == 1 else (x.shape[0], x.shape[1])
+
+
+def _host_ints(values, like: Tensor) -> Tensor:
+    """Host ints as an int64 tensor on ``like``'s device, copied without a host synchronisation."""
+    return host_to_device(torch.tensor([int(v) for v in values], dtype=torch.int64), like)
+
+
+def _rows_arg(x: Tensor, rows) -> tuple[Tensor, bool]:
+    """The kernels' (rows_ptr, HAS_ROWS): the residual row of each row of x as a device tensor,
+    or x as an unread placeholder when every row i uses residual row i."""
+    return (x, False) if rows is None else (_host_ints(rows, x), True)
+
+
 # --------------------------------------------------------------------------
 # shared device helpers
 # --------------------------------------------------------------------------
@@ -78,6 +95,19 @@ def _to_storage(v, dtype: tl.constexpr):
 
 
 @triton.jit
+def _row(rows_ptr, HAS_ROWS: tl.constexpr):
+    """(i, j) of this program in a ``[tiles, m]`` grid of a batched op: row ``i = program_id(1)``
+    of x and of every output, row ``j`` of the residual (``rows[i]`` when given, else ``i``).
+    A 1-D launch is row 0 of itself: every kernel serves one tensor and a stack alike."""
+    i = tl.program_id(1).to(tl.int64)
+    if HAS_ROWS:
+        j = tl.load(rows_ptr + i).to(tl.int64)
+    else:
+        j = i
+    return i, j
+
+
+@triton.jit
 def _load_a(x_ptr, r_ptr, offs, mask, HAS_R: tl.constexpr):
     """a = x + residual in fp32 (x alone without a residual)."""
     a = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -90,11 +120,27 @@ def _load_a(x_ptr, r_ptr, offs, mask, HAS_R: tl.constexpr):
 # block statistics (sign scales, QSGD norms)
 # --------------------------------------------------------------------------
 @triton.jit
-def _block_stat_kernel(x_ptr, r_ptr, out_ptr, n, block, HAS_R: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr):
-    """One program per block: MODE 0 mean|a|, 1 sqrt(mean a^2), 2 sqrt(sum a^2); fp64 accumulation.
+def _block_stat_kernel(
+    x_ptr,
+    r_ptr,
+    out_ptr,
+    n,
+    block,
+    rows_ptr,
+    HAS_R: tl.constexpr,
+    MODE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+):
+    """One program per block (and row): MODE 0 mean|a|, 1 sqrt(mean a^2), 2 sqrt(sum a^2); fp64
+    accumulation.
 
     Traffic: reads x and residual once (8 B/elem), writes 4 B per block.
     """
+    i, j = _row(rows_ptr, HAS_ROWS)
+    x_ptr += i * n
+    r_ptr += j * n
+    out_ptr += i * ((n + block - 1) // block)
     b = tl.program_id(0)
     start = b.to(tl.int64) * block
     count = tl.minimum(block, n - start)
@@ -129,12 +175,28 @@ def _pack8(bits, NB: tl.constexpr):
 
 
 @triton.jit
-def _sign_codes_kernel(x_ptr, r_ptr, scales_ptr, packed_ptr, n, block, HAS_R: tl.constexpr, T: tl.constexpr):
+def _sign_codes_kernel(
+    x_ptr,
+    r_ptr,
+    scales_ptr,
+    packed_ptr,
+    n,
+    block,
+    rows_ptr,
+    HAS_R: tl.constexpr,
+    T: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+):
     """Bits and residual once the block scales are known (second pass of the two-pass path).
 
     Traffic: reads x, residual (8 B/elem) and scales (cached), writes residual (4) and 1/8:
     12.125 B/elem; with :func:`_block_stat_kernel` first, 20.125 B/elem in all.
     """
+    i, j = _row(rows_ptr, HAS_ROWS)
+    x_ptr += i * n
+    r_ptr += j * n
+    scales_ptr += i * ((n + block - 1) // block)
+    packed_ptr += i * ((n + 7) // 8)
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * T + tl.arange(0, T)
     mask = offs < n
@@ -151,13 +213,28 @@ def _sign_codes_kernel(x_ptr, r_ptr, scales_ptr, packed_ptr, n, block, HAS_R: tl
 
 @triton.jit
 def _sign_ef_fused_kernel(
-    x_ptr, r_ptr, scales_ptr, packed_ptr, n, block, HAS_R: tl.constexpr, L2: tl.constexpr, BLOCK: tl.constexpr
+    x_ptr,
+    r_ptr,
+    scales_ptr,
+    packed_ptr,
+    n,
+    block,
+    rows_ptr,
+    HAS_R: tl.constexpr,
+    L2: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
 ):
     """One program per block (``block % 8 == 0``, ``block <= BLOCK``): scale, bits, residual in one read.
 
     Traffic: reads x and residual (8 B/elem), writes residual (4 B) and the bits (1/8 B):
     12.125 B/elem, the minimum for the math (each input read once, each output written once).
     """
+    i, j = _row(rows_ptr, HAS_ROWS)
+    x_ptr += i * n
+    r_ptr += j * n
+    scales_ptr += i * ((n + block - 1) // block)
+    packed_ptr += i * ((n + 7) // 8)
     b = tl.program_id(0)
     start = b.to(tl.int64) * block
     idx = tl.arange(0, BLOCK)
@@ -179,23 +256,31 @@ def _sign_ef_fused_kernel(
     tl.store(packed_ptr + byte_offs, _pack8(bits, BLOCK // 8), mask=tl.arange(0, BLOCK // 8) < (count + 7) // 8)
 
 
-def sign_ef_triton(x: Tensor, residual: Tensor | None, block: int, l2: bool):
-    n = x.numel()
+def sign_ef_triton(x: Tensor, residual: Tensor | None, block: int, l2: bool, rows=None):
+    """One tensor ``[n]``, or every row of a stack ``[m, n]`` in the same launches (``rows``: the
+    residual's row for each row of x)."""
+    m, n = _shape(x)
     nblocks = triton.cdiv(n, block)
-    packed = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
-    scales = torch.empty(nblocks, dtype=torch.float32, device=x.device)
-    if n == 0:
+    packed = torch.empty(*x.shape[:-1], (n + 7) // 8, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(*x.shape[:-1], nblocks, dtype=torch.float32, device=x.device)
+    if n == 0 or m == 0:
         return packed, scales
     r = residual if residual is not None else x
     has_r = residual is not None
+    rows_t, has_rows = _rows_arg(x, rows)
     if block % 8 == 0 and block <= FUSED_MAX_BLOCK:
         fused = max(8, triton.next_power_of_2(block))
-        _sign_ef_fused_kernel[(nblocks,)](
-            x, r, scales, packed, n, block, HAS_R=has_r, L2=l2, BLOCK=fused, num_warps=FUSED_WARPS, **_OPTS
-        )
+        _sign_ef_fused_kernel[(nblocks, m)](
+            x, r, scales, packed, n, block, rows_t, HAS_R=has_r, L2=l2, BLOCK=fused, HAS_ROWS=has_rows,
+            num_warps=FUSED_WARPS, **_OPTS,
+        )  # fmt: skip
     else:
-        _block_stat_kernel[(nblocks,)](x, r, scales, n, block, HAS_R=has_r, MODE=1 if l2 else 0, CHUNK=TILE, **_OPTS)
-        _sign_codes_kernel[_grid(n)](x, r, scales, packed, n, block, HAS_R=has_r, T=TILE, **_OPTS)
+        _block_stat_kernel[(nblocks, m)](
+            x, r, scales, n, block, rows_t, HAS_R=has_r, MODE=1 if l2 else 0, CHUNK=TILE, HAS_ROWS=has_rows, **_OPTS
+        )
+        _sign_codes_kernel[(_grid(n)[0], m)](
+            x, r, scales, packed, n, block, rows_t, HAS_R=has_r, T=TILE, HAS_ROWS=has_rows, **_OPTS
+        )
     return packed, scales
 
 
@@ -267,15 +352,37 @@ def sign_majority_triton(packed_stack: Tensor) -> Tensor:
 # --------------------------------------------------------------------------
 @triton.jit
 def _qsgd_kernel(
-    x_ptr, r_ptr, norms_ptr, words_ptr, n, bucket, seed, levels, W: tl.constexpr, HAS_R: tl.constexpr, T: tl.constexpr
+    x_ptr,
+    r_ptr,
+    norms_ptr,
+    words_ptr,
+    n,
+    bucket,
+    seed,
+    levels,
+    rows_ptr,
+    seeds_ptr,
+    W: tl.constexpr,
+    HAS_R: tl.constexpr,
+    T: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    ROW_SEEDS: tl.constexpr,
 ):
     """Codes L + sign(a) * min(L, floor(L|a|/norm + u)) with u from Philox(seed, i // 4) word i % 4,
     OR-ed into 32-bit words of the little-endian code stream (fields never overlap, so the result
     does not depend on the order of the atomics), and the residual a - (code - L) * norm / L.
 
     Traffic: reads x, residual (8 B) and norms (cached), writes residual (4 B) and w/8 B:
-    12 + w/8 B/elem; with :func:`_block_stat_kernel` first, 20 + w/8 B/elem.
+    12 + w/8 B/elem; with :func:`_block_stat_kernel` first, 20 + w/8 B/elem. A stack's row i
+    (ROW_SEEDS) draws from its own seed, seeds[i], and writes its own words (see qsgd_triton).
     """
+    i, j = _row(rows_ptr, HAS_ROWS)
+    x_ptr += i * n
+    r_ptr += j * n
+    norms_ptr += i * ((n + bucket - 1) // bucket)
+    words_ptr += i * (((n * W + 7) // 8 + 3) // 4 + 1)
+    if ROW_SEEDS:
+        seed = tl.load(seeds_ptr + i)
     offs = tl.program_id(0).to(tl.int64) * T + tl.arange(0, T)
     mask = offs < n
     a = _load_a(x_ptr, r_ptr, offs, mask, HAS_R)
@@ -308,18 +415,30 @@ def _qsgd_kernel(
     tl.atomic_or(words_ptr + word_idx + 1, hi, mask=mask & (hi != 0))
 
 
-def qsgd_triton(x: Tensor, residual: Tensor | None, levels: int, bucket: int, seed: int):
-    n = x.numel()
+def qsgd_triton(x: Tensor, residual: Tensor | None, levels: int, bucket: int, seed, rows=None):
+    """One tensor ``[n]`` with one ``seed``, or every row of a stack ``[m, n]`` with its own seed
+    (``seed``: m ints) in the same launches. Each row's codes go into its own 32-bit words (one
+    spare word per row for a field that straddles the last), then are cut to the row's bytes."""
+    m, n = _shape(x)
     width = qsgd_bits(levels)
     nbytes = (n * width + 7) // 8
-    norms = torch.empty(triton.cdiv(n, bucket), dtype=torch.float32, device=x.device)
-    words = torch.zeros(triton.cdiv(nbytes, 4) + 1, dtype=torch.int32, device=x.device)
-    if n:
+    norms = torch.empty(*x.shape[:-1], triton.cdiv(n, bucket), dtype=torch.float32, device=x.device)
+    words = torch.zeros(m, triton.cdiv(nbytes, 4) + 1, dtype=torch.int32, device=x.device)
+    if n and m:
         r = residual if residual is not None else x
         has_r = residual is not None
-        _block_stat_kernel[(norms.numel(),)](x, r, norms, n, bucket, HAS_R=has_r, MODE=2, CHUNK=TILE, **_OPTS)
-        _qsgd_kernel[_grid(n)](x, r, norms, words, n, bucket, seed, levels, W=width, HAS_R=has_r, T=TILE, **_OPTS)
-    return words.view(torch.uint8)[:nbytes].clone(), norms
+        rows_t, has_rows = _rows_arg(x, rows)
+        row_seeds = x.dim() == 2
+        seeds_t = _host_ints(seed, x) if row_seeds else x
+        _block_stat_kernel[(norms.shape[-1], m)](
+            x, r, norms, n, bucket, rows_t, HAS_R=has_r, MODE=2, CHUNK=TILE, HAS_ROWS=has_rows, **_OPTS
+        )
+        _qsgd_kernel[(_grid(n)[0], m)](
+            x, r, norms, words, n, bucket, 0 if row_seeds else seed, levels, rows_t, seeds_t,
+            W=width, HAS_R=has_r, T=TILE, HAS_ROWS=has_rows, ROW_SEEDS=row_seeds, **_OPTS,
+        )  # fmt: skip
+    packed = words.view(torch.uint8)[:, :nbytes]
+    return (packed.contiguous() if x.dim() == 2 else packed[0].clone()), norms
 
 
 @triton.jit
@@ -413,11 +532,17 @@ def sparse_accumulate_triton(out: Tensor, indices: Tensor, values: Tensor, alpha
 # top-k: radix select over the 31-bit magnitude key, then an index-ordered compaction
 # --------------------------------------------------------------------------
 @triton.jit
-def _topk_keys_kernel(x_ptr, r_ptr, keys_ptr, n, HAS_R: tl.constexpr, T: tl.constexpr):
+def _topk_keys_kernel(
+    x_ptr, r_ptr, keys_ptr, n, rows_ptr, HAS_R: tl.constexpr, T: tl.constexpr, HAS_ROWS: tl.constexpr
+):
     """a = round_dtype(x + r); residual <- a; keys <- abs_key(a).
 
     Traffic: reads x, r (8 B), writes r (4 B) and the key (4 B): 16 B/elem.
     """
+    i, j = _row(rows_ptr, HAS_ROWS)
+    x_ptr += i * n
+    r_ptr += j * n
+    keys_ptr += i * n
     offs = tl.program_id(0).to(tl.int64) * T + tl.arange(0, T)
     mask = offs < n
     a = tl.load(x_ptr + offs, mask=mask, other=0.0)
@@ -446,7 +571,12 @@ def _histogram_kernel(
     keys_ptr, n, state_ptr, hist_ptr, SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr, BINS: tl.constexpr, T: tl.constexpr
 ):
     """hist[(key >> SHIFT) % BINS] += 1 over the keys whose bits above SHIFT+log2(BINS) equal the
-    prefix found so far (state[1]). Traffic: reads 4 B/elem; BINS atomics per program."""
+    prefix found so far (state[1]). Traffic: reads 4 B/elem; BINS atomics per program. A stack's
+    row i has its own keys, state and histogram."""
+    i = tl.program_id(1).to(tl.int64)
+    keys_ptr += i * n
+    state_ptr += i * 2
+    hist_ptr += i * BINS
     offs = tl.program_id(0).to(tl.int64) * T + tl.arange(0, T)
     key = tl.load(keys_ptr + offs, mask=offs < n, other=0)
     prefix = tl.load(state_ptr + 1)
@@ -465,7 +595,11 @@ def _histogram_kernel(
 @triton.jit
 def _select_kernel(state_ptr, hist_ptr, DIGIT_BITS: tl.constexpr, BINS: tl.constexpr):
     """One program: with r = state[0] entries still to take from the top, find the digit b whose bin
-    holds the r-th largest: state[1] <- prefix * BINS + b, state[0] <- r - (count above b)."""
+    holds the r-th largest: state[1] <- prefix * BINS + b, state[0] <- r - (count above b).
+    One program per row of a stack."""
+    i = tl.program_id(1).to(tl.int64)
+    state_ptr += i * 2
+    hist_ptr += i * BINS
     rem = tl.load(state_ptr + 0)
     prefix = tl.load(state_ptr + 1)
     hist = tl.load(hist_ptr + tl.arange(0, BINS))
@@ -489,6 +623,10 @@ def _threshold(state_ptr, AT_LEAST: tl.constexpr):
 @triton.jit
 def _count_kernel(keys_ptr, n, state_ptr, counts_ptr, ntiles, AT_LEAST: tl.constexpr, T: tl.constexpr):
     """Per tile: entries with key > thresh, and with key == thresh. Traffic: reads 4 B/elem."""
+    i = tl.program_id(1).to(tl.int64)
+    keys_ptr += i * n
+    state_ptr += i * 2
+    counts_ptr += i * 2 * ntiles
     pid = tl.program_id(0)
     thresh, _ = _threshold(state_ptr, AT_LEAST)
     offs = pid.to(tl.int64) * T + tl.arange(0, T)
@@ -502,7 +640,13 @@ def _scan_kernel(
     counts_ptr, offsets_ptr, ntiles, state_ptr, cap, total_ptr, AT_LEAST: tl.constexpr, CHUNK: tl.constexpr
 ):
     """One program: exclusive scans over tiles of 'greater' and 'equal' counts; a tile's output
-    offset is greater_before + min(equal_before, take_eq). Writes the picked total (<= cap)."""
+    offset is greater_before + min(equal_before, take_eq). Writes the picked total (<= cap).
+    One program per row of a stack."""
+    i = tl.program_id(1).to(tl.int64)
+    counts_ptr += i * 2 * ntiles
+    offsets_ptr += i * 2 * ntiles
+    state_ptr += i * 2
+    total_ptr += i
     _, take_eq = _threshold(state_ptr, AT_LEAST)
     carry_g = 0
     carry_e = 0
@@ -532,16 +676,27 @@ def _compact_kernel(
     ntiles,
     val_ptr,
     idx_ptr,
+    rows_ptr,
     HAS_R: tl.constexpr,
     AT_LEAST: tl.constexpr,
     T: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
 ):
     """Write the picked entries in index order: key > thresh, or key == thresh among the first
     take_eq such entries, while fewer than cap are written; zero them in the residual.
 
     Traffic: reads the key (4 B), writes the residual's picked entries; reads a and writes
-    value + index only for picked entries (negligible at k << n).
+    value + index only for picked entries (negligible at k << n). ``a`` is the residual's row when
+    there is a residual (it holds a after the keys kernel), else x's.
     """
+    i, j = _row(rows_ptr, HAS_ROWS)
+    keys_ptr += i * n
+    a_ptr += (j if HAS_R else i) * n
+    r_ptr += j * n
+    state_ptr += i * 2
+    offsets_ptr += i * 2 * ntiles
+    val_ptr += i * cap
+    idx_ptr += i * cap
     pid = tl.program_id(0)
     thresh, take_eq = _threshold(state_ptr, AT_LEAST)
     offs = pid.to(tl.int64) * T + tl.arange(0, T)
@@ -559,72 +714,70 @@ def _compact_kernel(
         tl.store(r_ptr + offs, tl.zeros_like(a), mask=pick)
 
 
-def _radix_select(keys: Tensor, k: int) -> Tensor:
-    """state[1] <- the k-th largest key of ``keys`` (1 <= k <= len), state[0] <- how many entries
-    equal to it are among the top k. All on the device: no host synchronisation."""
-    n = keys.numel()
-    state = torch.tensor([k, 0], dtype=torch.int32, device=keys.device)
+def _radix_select(keys: Tensor, n: int, k: int, m: int = 1) -> Tensor:
+    """state[i, 1] <- the k-th largest of row i's n keys (1 <= k <= n), state[i, 0] <- how many
+    entries equal to it are among row i's top k; ``[m, 2]`` int32 (``[2]`` for m = 1's callers
+    read row 0). All on the device: no host synchronisation."""
+    state = torch.zeros(m, 2, dtype=torch.int32, device=keys.device)
+    state[:, 0] = k  # a fill on the device (a tensor built from [k, 0] would copy from the host)
     shift = 31
     for bits in HIST_BITS:
         shift -= bits
-        hist = torch.zeros(1 << bits, dtype=torch.int32, device=keys.device)
-        _histogram_kernel[_grid(n)](keys, n, state, hist, SHIFT=shift, DIGIT_BITS=bits, BINS=1 << bits, T=TILE, **_OPTS)
-        _select_kernel[(1,)](state, hist, DIGIT_BITS=bits, BINS=1 << bits, **_OPTS)
+        hist = torch.zeros(m, 1 << bits, dtype=torch.int32, device=keys.device)
+        _histogram_kernel[(_grid(n)[0], m)](
+            keys, n, state, hist, SHIFT=shift, DIGIT_BITS=bits, BINS=1 << bits, T=TILE, **_OPTS
+        )
+        _select_kernel[(1, m)](state, hist, DIGIT_BITS=bits, BINS=1 << bits, **_OPTS)
     return state
 
 
-def _compact(keys, a, residual, state, at_least: bool, cap, values, indices) -> Tensor:
-    """count -> scan -> compact, reading the threshold from ``state`` on the device (no host sync)."""
-    n = keys.numel()
+def _compact(keys, a, residual, state, at_least: bool, cap, values, indices, n, m=1, rows=(None, False)) -> Tensor:
+    """count -> scan -> compact, reading the threshold from ``state`` on the device (no host
+    sync), for each of m rows in the same launches. Returns each row's picked total, ``[m]``."""
     ntiles = _grid(n)[0]
-    counts = torch.empty(2 * ntiles, dtype=torch.int32, device=keys.device)
-    offsets = torch.empty(2 * ntiles, dtype=torch.int32, device=keys.device)
-    total = torch.empty((), dtype=torch.int64, device=keys.device)
-    _count_kernel[(ntiles,)](keys, n, state, counts, ntiles, AT_LEAST=at_least, T=TILE, **_OPTS)
-    _scan_kernel[(1,)](counts, offsets, ntiles, state, cap, total, AT_LEAST=at_least, CHUNK=SCAN_CHUNK, **_OPTS)
+    counts = torch.empty(m, 2 * ntiles, dtype=torch.int32, device=keys.device)
+    offsets = torch.empty(m, 2 * ntiles, dtype=torch.int32, device=keys.device)
+    total = torch.empty(m, dtype=torch.int64, device=keys.device)
+    _count_kernel[(ntiles, m)](keys, n, state, counts, ntiles, AT_LEAST=at_least, T=TILE, **_OPTS)
+    _scan_kernel[(1, m)](counts, offsets, ntiles, state, cap, total, AT_LEAST=at_least, CHUNK=SCAN_CHUNK, **_OPTS)
     r = residual if residual is not None else a
-    _compact_kernel[(ntiles,)](
-        keys,
-        a,
-        r,
-        n,
-        state,
-        cap,
-        offsets,
-        ntiles,
-        values,
-        indices,
-        HAS_R=residual is not None,
-        AT_LEAST=at_least,
-        T=TILE,
-        **_OPTS,
-    )
+    rows_t, has_rows = rows
+    _compact_kernel[(ntiles, m)](
+        keys, a, r, n, state, cap, offsets, ntiles, values, indices, keys if rows_t is None else rows_t,
+        HAS_R=residual is not None, AT_LEAST=at_least, T=TILE, HAS_ROWS=has_rows, **_OPTS,
+    )  # fmt: skip
     return total
 
 
-def _keys(x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
-    n = x.numel()
-    keys = torch.empty(n, dtype=torch.int32, device=x.device)
+def _keys(x: Tensor, residual: Tensor | None, rows=(None, False)) -> tuple[Tensor, Tensor]:
+    m, n = _shape(x)
+    keys = torch.empty(m, n, dtype=torch.int32, device=x.device)
     r = residual if residual is not None else x
-    _topk_keys_kernel[_grid(n)](x, r, keys, n, HAS_R=residual is not None, T=TILE, **_OPTS)
+    rows_t, has_rows = rows
+    _topk_keys_kernel[(_grid(n)[0], m)](
+        x, r, keys, n, x if rows_t is None else rows_t, HAS_R=residual is not None, T=TILE, HAS_ROWS=has_rows, **_OPTS
+    )
     return keys, (residual if residual is not None else x)
 
 
-def topk_ef_triton(x: Tensor, residual: Tensor | None, k: int, index_dtype: torch.dtype):
-    """Exact top-k: keys (16 B/elem), three radix histograms (4 B/elem each), count (4 B/elem) and
-    compaction (4 B/elem + the k picks): about 36 B/elem for fp32. The minimum for the math is
-    12 B/elem (read x and r, write r); the extra passes re-read the 4-byte keys, trading traffic
-    for a host-synchronisation-free, deterministic selection."""
-    n = x.numel()
-    values = torch.empty(k, dtype=x.dtype, device=x.device)
-    indices = torch.empty(k, dtype=index_dtype, device=x.device)
-    if n == 0:
+def topk_ef_triton(x: Tensor, residual: Tensor | None, k: int, index_dtype: torch.dtype, rows=None):
+    """Exact top-k of one tensor ``[n]``, or of every row of a stack ``[m, n]`` in the same
+    launches (``rows``: the residual's row for each row of x): keys (16 B/elem), three radix
+    histograms (4 B/elem each), count (4 B/elem) and compaction (4 B/elem + the k picks): about
+    36 B/elem for fp32. The minimum for the math is 12 B/elem (read x and r, write r); the extra
+    passes re-read the 4-byte keys, trading traffic for a host-synchronisation-free,
+    deterministic selection."""
+    m, n = _shape(x)
+    values = torch.empty(*x.shape[:-1], k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(*x.shape[:-1], k, dtype=index_dtype, device=x.device)
+    if n == 0 or m == 0:
         return values, indices
-    keys, a = _keys(x, residual)
+    rows = _rows_arg(x, rows)
+    keys, a = _keys(x, residual, rows)
     if k == 0:
         return values, indices
-    state = _radix_select(keys, k)
-    _compact(keys, a, residual, state, False, k, values, indices)
+    state = _radix_select(keys, n, k, m)
+    _compact(keys, a, residual, state, False, k, values, indices, n, m, rows)
     return values, indices
 
 
@@ -643,25 +796,25 @@ def topk_threshold_ef_triton(x: Tensor, residual: Tensor | None, k: int, capacit
         return values, indices, count
     sample = torch.empty(sample_size, dtype=torch.int32, device=x.device)
     _gather_keys_kernel[_grid(sample_size)](keys, sample, n, sample_size, seed, T=TILE, **_OPTS)
-    state = _radix_select(sample, -(-k * sample_size // n))
-    count = _compact(keys, a, residual, state, True, capacity, values, indices)
+    state = _radix_select(sample, sample_size, -(-k * sample_size // n))
+    count = _compact(keys, a, residual, state, True, capacity, values, indices, n)[0]
     return values, indices, count
 
 
 # --------------------------------------------------------------------------
-# many clients: one [m, n] stack, row by row through the kernels above (on a GPU: one launch
-# sequence per row, queued on one stream, no host synchronisation between rows)
+# many clients: one [m, n] stack through the same kernels, every row in the same launches (a
+# [tiles, m] grid: program_id(1) is the row), each row with its own residual row and outputs
 # --------------------------------------------------------------------------
 def topk_ef_rows_triton(x: Tensor, residual: Tensor | None, k: int, index_dtype: torch.dtype, rows=None):
-    return apply_rows(topk_ef_triton, x, residual, k, index_dtype, rows=rows)
+    return topk_ef_triton(x, residual, k, index_dtype, rows)
 
 
 def sign_ef_rows_triton(x: Tensor, residual: Tensor | None, block: int, l2: bool, rows=None):
-    return apply_rows(sign_ef_triton, x, residual, block, l2, rows=rows)
+    return sign_ef_triton(x, residual, block, l2, rows)
 
 
 def qsgd_rows_triton(x: Tensor, residual: Tensor | None, levels: int, bucket: int, seeds, rows=None):
-    return apply_rows(qsgd_triton, x, residual, levels, bucket, rows=rows, per_row=seeds)
+    return qsgd_triton(x, residual, levels, bucket, seeds, rows)
 
 
 def randk_ef_rows_triton(x: Tensor, residual: Tensor | None, seeds, k: int, rows=None):
@@ -696,66 +849,87 @@ def register(dispatch_key: str, skip: tuple[str, ...] = ()) -> None:
 # --------------------------------------------------------------------------
 def _configs() -> list[tuple[str, object, dict, dict, dict]]:
     """(name, kernel, signature, constexprs, options) for every launch configuration used above."""
-    f32, i32, i64 = "*fp32", "i32", "i64"
+    f32, i32, i64, i64p = "*fp32", "i32", "i64", "*i64"
     out = []
-    for has_r in (False, True):
+    # (has_r, HAS_ROWS): no residual; a residual row per row of x; the residual rows named by rows
+    for has_r, has_rows in ((False, False), (True, False), (True, True)):
+        tag = f"has_r={int(has_r)},rows={int(has_rows)}"
         for mode in (0, 1, 2):
             out.append(
                 (
-                    f"block_stat[mode={mode},has_r={int(has_r)}]",
+                    f"block_stat[mode={mode},{tag}]",
                     _block_stat_kernel,
-                    {"x_ptr": f32, "r_ptr": f32, "out_ptr": f32, "n": i64, "block": i64},
-                    {"HAS_R": has_r, "MODE": mode, "CHUNK": TILE},
+                    {"x_ptr": f32, "r_ptr": f32, "out_ptr": f32, "n": i64, "block": i64, "rows_ptr": i64p},
+                    {"HAS_R": has_r, "MODE": mode, "CHUNK": TILE, "HAS_ROWS": has_rows},
                 )
             )
         out.append(
             (
-                f"sign_codes[has_r={int(has_r)}]",
+                f"sign_codes[{tag}]",
                 _sign_codes_kernel,
-                {"x_ptr": f32, "r_ptr": f32, "scales_ptr": f32, "packed_ptr": "*u8", "n": i64, "block": i64},
-                {"HAS_R": has_r, "T": TILE},
+                {
+                    "x_ptr": f32,
+                    "r_ptr": f32,
+                    "scales_ptr": f32,
+                    "packed_ptr": "*u8",
+                    "n": i64,
+                    "block": i64,
+                    "rows_ptr": i64p,
+                },
+                {"HAS_R": has_r, "T": TILE, "HAS_ROWS": has_rows},
             )
         )
         for l2 in (False, True):
             out.append(
                 (
-                    f"sign_ef_fused[l2={int(l2)},has_r={int(has_r)},BLOCK=4096]",
+                    f"sign_ef_fused[l2={int(l2)},{tag},BLOCK=4096]",
                     _sign_ef_fused_kernel,
-                    {"x_ptr": f32, "r_ptr": f32, "scales_ptr": f32, "packed_ptr": "*u8", "n": i64, "block": i64},
-                    {"HAS_R": has_r, "L2": l2, "BLOCK": FUSED_MAX_BLOCK},
+                    {
+                        "x_ptr": f32,
+                        "r_ptr": f32,
+                        "scales_ptr": f32,
+                        "packed_ptr": "*u8",
+                        "n": i64,
+                        "block": i64,
+                        "rows_ptr": i64p,
+                    },
+                    {"HAS_R": has_r, "L2": l2, "BLOCK": FUSED_MAX_BLOCK, "HAS_ROWS": has_rows},
                     {"num_warps": FUSED_WARPS},
                 )
             )
         for w in (2, 4, 16):
-            out.append(
-                (
-                    f"qsgd[w={w},has_r={int(has_r)}]",
-                    _qsgd_kernel,
-                    {
-                        "x_ptr": f32,
-                        "r_ptr": f32,
-                        "norms_ptr": f32,
-                        "words_ptr": "*i32",
-                        "n": i64,
-                        "bucket": i64,
-                        "seed": "u64",
-                        "levels": i32,
-                    },
-                    {"W": w, "HAS_R": has_r, "T": TILE},
+            for row_seeds in (True,) if has_rows else (False, True):  # one seed per row: stacks only
+                out.append(
+                    (
+                        f"qsgd[w={w},{tag},row_seeds={int(row_seeds)}]",
+                        _qsgd_kernel,
+                        {
+                            "x_ptr": f32,
+                            "r_ptr": f32,
+                            "norms_ptr": f32,
+                            "words_ptr": "*i32",
+                            "n": i64,
+                            "bucket": i64,
+                            "seed": "u64",
+                            "levels": i32,
+                            "rows_ptr": i64p,
+                            "seeds_ptr": i64p,
+                        },
+                        {"W": w, "HAS_R": has_r, "T": TILE, "HAS_ROWS": has_rows, "ROW_SEEDS": row_seeds},
+                    )
                 )
-            )
         out.append(
             (
-                f"topk_keys[has_r={int(has_r)}]",
+                f"topk_keys[{tag}]",
                 _topk_keys_kernel,
-                {"x_ptr": f32, "r_ptr": f32, "keys_ptr": "*i32", "n": i64},
-                {"HAS_R": has_r, "T": TILE},
+                {"x_ptr": f32, "r_ptr": f32, "keys_ptr": "*i32", "n": i64, "rows_ptr": i64p},
+                {"HAS_R": has_r, "T": TILE, "HAS_ROWS": has_rows},
             )
         )
-        for at_least in (False, True):
+        for at_least in (False,) if has_rows else (False, True):  # the sampled threshold: one tensor
             out.append(
                 (
-                    f"compact[has_r={int(has_r)},at_least={int(at_least)}]",
+                    f"compact[{tag},at_least={int(at_least)}]",
                     _compact_kernel,
                     {
                         "keys_ptr": "*i32",
@@ -768,8 +942,9 @@ def _configs() -> list[tuple[str, object, dict, dict, dict]]:
                         "ntiles": i64,
                         "val_ptr": f32,
                         "idx_ptr": "*i64",
+                        "rows_ptr": i64p,
                     },
-                    {"HAS_R": has_r, "AT_LEAST": at_least, "T": TILE},
+                    {"HAS_R": has_r, "AT_LEAST": at_least, "T": TILE, "HAS_ROWS": has_rows},
                 )
             )
     for acc in (False, True):

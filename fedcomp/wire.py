@@ -124,7 +124,10 @@ def randk_indices(seed: int, k: int, n: int, device: torch.device | str = "cpu")
         raise ValueError(f"k must be in [0, n={n}]; got {k}")
     if n >= 1 << 62:
         raise ValueError(f"n must be < 2**62; got {n}")
-    return _positions(seed, k, n).clone().to(device)  # a copy: callers may write to it
+    positions = _positions(seed, k, n)  # the memo's tensor: callers get a copy, which they may write to
+    if torch.device(device).type == "cuda":  # copied without blocking the host
+        return positions.pin_memory().to(device, non_blocking=True)
+    return positions.clone().to(device)
 
 
 _MEMO_MAX_K, _MEMO_SIZE = 65536, 64
@@ -146,6 +149,13 @@ def _positions(seed: int, k: int, n: int) -> Tensor:
     positions = torch.ops.fedcomp.randk_positions(round_keys([seed])[0], k, n)
     _remember_positions(k, n, [(seed, positions)])
     return positions
+
+
+def host_to_device(t: Tensor, like: Tensor) -> Tensor:
+    """Host tensor ``t`` on ``like``'s device (a new tensor there): on a GPU copied from pinned
+    memory without blocking the host, since a copy from pageable memory synchronises with the
+    device; on the CPU, ``t`` itself."""
+    return t.pin_memory().to(like.device, non_blocking=True) if like.is_cuda else t.to(like.device)
 
 
 def _remember_positions(k: int, n: int, known) -> None:
@@ -412,7 +422,7 @@ class Payload:
         if kind == "topk":
             torch.ops.fedcomp.sparse_accumulate(out, sections[1], sections[0].detach(), alpha)
         elif kind == "randk":  # the memoised positions are only read here: no copy on the CPU
-            positions = _positions(self.params["seed"], self.params["k"], self.numel).to(out.device)
+            positions = host_to_device(_positions(self.params["seed"], self.params["k"], self.numel), out)
             torch.ops.fedcomp.sparse_accumulate(out, positions, sections[0].detach(), alpha)
         elif kind == "sign":
             torch.ops.fedcomp.sign_accumulate(out, *sections, self.params["block"], alpha)

@@ -128,19 +128,28 @@ def test_cuda_run_keeps_everything_on_the_device_and_matches_the_cpu(compressor)
 
 @needs_cuda
 @pytest.mark.parametrize(
-    "make", [lambda: fedcomp.TopK(0.01), lambda: fedcomp.Sign(512), lambda: fedcomp.QSGD(4, 512, seed=1)]
+    "make",
+    [
+        lambda: fedcomp.TopK(0.01),
+        lambda: fedcomp.Sign(512),
+        lambda: fedcomp.QSGD(4, 512, seed=1),
+        lambda: fedcomp.RandK(0.01, seed=3),
+    ],
 )
-def test_compress_to_aggregate_has_no_host_sync_on_cuda(make):
-    """compress (EF) -> [wire boundary] -> aggregate with CUDA sync debug mode set to error."""
-    n, clients = 1_000_003, 4
+@pytest.mark.parametrize("n", [1_000_003, 26_122], ids=["one-by-one", "stacked"])
+def test_compress_to_aggregate_has_no_host_sync_on_cuda(make, n):
+    """compress (EF) -> [wire boundary] -> aggregate with CUDA sync debug mode set to error: one
+    call per client at 10^6 entries, and the one-launch batched ops on a [clients, n] stack
+    (compress_many; rows of the shared residual buffer, named by a device tensor)."""
+    clients = 4
     ef = fedcomp.ErrorFeedback(make())
-    xs = [torch.randn(n, device="cuda") for _ in range(clients)]
-    for x in xs:  # first call creates the residuals (allocation only)
-        ef.compress(x, key=str(id(x)))
+    xs = torch.randn(clients, n, device="cuda")
+    keys = [f"client{i}" for i in range(clients)]
+    ef.compress_many(xs, keys)  # the first call creates the residuals (allocation only)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        payloads = [ef.compress(x, key=str(id(x))) for x in xs]
+        payloads = ef.compress_many(xs, keys)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     wires = [p.to_bytes() for p in payloads]  # the wire boundary: device -> host

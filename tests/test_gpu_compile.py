@@ -90,5 +90,5 @@ def test_env_compile_gpu_prints_the_table():
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "| kind   | kernel" in out.stdout and "registers" in out.stdout and "spill" in out.stdout
-    assert "| triton | topk_keys[has_r=1]" in out.stdout and "| cuda   | compact_kernel" in out.stdout
+    assert "| triton | topk_keys[has_r=1,rows=1]" in out.stdout and "| cuda   | compact_kernel" in out.stdout
     assert " of " in out.stdout.splitlines()[-1] or "compiled" in out.stdout

@@ -195,6 +195,66 @@ def test_rows_equal_separate_calls(m, n):
     torch.testing.assert_close(s1, s2, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m, n", [(1, 7), (3, 1023), (2, 4099)])
+@pytest.mark.parametrize("residual", ["none", "own", "rows"])
+def test_one_launch_stacks_equal_one_call_per_row(m, n, dtype, residual):
+    """The batched ops run every row in the same launches (a [tiles, m] grid); each row's outputs
+    and residual row equal those of the one-tensor kernels on that row, to the bit: top-k, sign
+    through the one-pass kernel (block 64) and the two-pass one (block 100, and one scale per
+    row), and QSGD with its own seed per row."""
+    x = torch.stack([make_input(n, dtype, seed=20 + i)[0] for i in range(m)])
+    slab = torch.stack([make_input(n, dtype, seed=40 + j)[1] for j in range(m + 2)])
+    rows = {"none": None, "own": None, "rows": list(range(m + 1, 0, -1))[:m]}[residual]
+
+    def stacked_and_per_row(batched, single):
+        r_many = None if residual == "none" else (slab.clone() if rows else slab[:m].clone())
+        r_one = None if residual == "none" else r_many.clone()
+        got = batched(x, r_many, rows)
+        for i in range(m):
+            j = i if rows is None else rows[i]
+            want = single(x[i], None if r_one is None else r_one[j], i)
+            for a, b in zip(got, want):
+                assert_same(a[i], b, f"row {i}")
+        if r_many is not None:
+            assert_same(r_many, r_one, "residual")
+
+    k = max(1, n // 9)
+    stacked_and_per_row(
+        lambda x, r, rows: T.topk_ef_rows_triton(x, r, k, torch.int64, rows),
+        lambda x, r, i: T.topk_ef_triton(x, r, k, torch.int64),
+    )
+    for block in (64, 100, n):
+        stacked_and_per_row(
+            lambda x, r, rows, block=block: T.sign_ef_rows_triton(x, r, block, block == 100, rows),
+            lambda x, r, i, block=block: T.sign_ef_triton(x, r, block, block == 100),
+        )
+    seeds = [(3 + i) * 0x9E3779B97F4A7C15 % (1 << 63) for i in range(m)]
+    stacked_and_per_row(
+        lambda x, r, rows: T.qsgd_rows_triton(x, r, 4, 128, seeds, rows),
+        lambda x, r, i: T.qsgd_triton(x, r, 4, 128, seeds[i]),
+    )
+    if residual != "none":  # and the stack against the reference
+        r1, r2 = slab.clone(), slab.clone()
+        sel = rows if rows is not None else list(range(m))
+        v1, i1 = T.topk_ef_rows_triton(x, r1, k, torch.int64, sel)
+        v2, i2 = reference.topk_ef_rows(x, r2, k, torch.int64, sel)
+        assert_same(i1, i2, "indices vs reference")
+        assert_same(v1, v2, "values vs reference")
+        assert_same(r1, r2, "residual vs reference")
+
+
+def test_one_launch_stacks_of_nothing():
+    for m, n in ((0, 5), (3, 0)):
+        x = torch.zeros(m, n)
+        v, i = T.topk_ef_rows_triton(x, torch.zeros(m, n), 0 if n == 0 else 2, torch.int64)
+        assert v.shape == (m, 0 if n == 0 else 2) and i.shape == v.shape
+        p, s = T.sign_ef_rows_triton(x, None, 8, False)
+        assert p.shape == (m, (n + 7) // 8) and s.shape == (m, -(-n // 8))
+        q, nr = T.qsgd_rows_triton(x, None, 4, 8, [1] * m)
+        assert q.shape == (m, (n * 4 + 7) // 8) and nr.shape == (m, -(-n // 8))
+
+
 def test_rows_pick_rows_of_a_shared_residual():
     """``rows``: row i of x uses row rows[i] of a [K, n] residual, as the reference does."""
     n, rows = 1023, [3, 0]
