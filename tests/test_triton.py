@@ -150,22 +150,28 @@ def test_qsgd_accumulate_equals_decode_then_add(n, levels, bucket):
     assert_same(out, expected, "accumulated")
 
 
-@pytest.mark.parametrize("n", [0, 7, 1023])
-def test_accumulate_many_equals_one_accumulate_per_payload(n):
-    xs = [make_input(n, torch.float32, seed=n + c)[0] for c in range(3)]
-    alphas = [0.5, -1.25, 3.0]
-    signs = [reference.sign_ef(x, None, 64, False) for x in xs]
-    out, expected = torch.ones(n), torch.ones(n)
-    T.sign_accumulate_many_triton(out, [p for p, _ in signs], [s for _, s in signs], 64, alphas)
-    for (p, s), a in zip(signs, alphas):
-        reference.sign_accumulate(expected, p, s, 64, a)
-    assert_same(out, expected, "sign")
-    quants = [reference.qsgd(x, None, 4, 100, c) for c, x in enumerate(xs)]
-    out, expected = torch.ones(n), torch.ones(n)
-    T.qsgd_accumulate_many_triton(out, [p for p, _ in quants], [s for _, s in quants], 4, 100, alphas)
-    for (p, s), a in zip(quants, alphas):
-        reference.qsgd_accumulate(expected, p, s, 4, 100, a)
-    assert_same(out, expected, "qsgd")
+@pytest.mark.parametrize("n", [0, 7, 1023, 4099])
+@pytest.mark.parametrize("m", [1, 3, 6])
+def test_accumulate_many_equals_one_accumulate_per_payload(n, m):
+    """All payloads in one launch: each entry adds the payloads' terms in list order, so the bits
+    are those of one accumulate per payload (sign: blocks of 64, 100 and one per tensor; QSGD:
+    2-, 8- and 16-bit codes, buckets of 100 and 512; weights that fp32 rounds)."""
+    xs = [make_input(n, torch.float32, seed=n + c)[0] for c in range(m)]
+    alphas = [0.5, -1.25, 3.0, 1 / 3, -0.1, 7.0][:m]
+    for block in (64, 100, max(n, 1)):
+        signs = [reference.sign_ef(x, None, block, block == 100) for x in xs]
+        out, expected = torch.ones(n), torch.ones(n)
+        T.sign_accumulate_many_triton(out, [p for p, _ in signs], [s for _, s in signs], block, alphas)
+        for (p, s), a in zip(signs, alphas):
+            reference.sign_accumulate(expected, p, s, block, a)
+        assert_same(out, expected, f"sign, block {block}")
+    for levels, bucket in ((1, 100), (127, 512), (32767, 100)):
+        quants = [reference.qsgd(x, None, levels, bucket, c) for c, x in enumerate(xs)]
+        out, expected = torch.ones(n), torch.ones(n)
+        T.qsgd_accumulate_many_triton(out, [p for p, _ in quants], [s for _, s in quants], levels, bucket, alphas)
+        for (p, s), a in zip(quants, alphas):
+            reference.qsgd_accumulate(expected, p, s, levels, bucket, a)
+        assert_same(out, expected, f"qsgd, levels {levels}")
 
 
 def test_empty_inputs():
