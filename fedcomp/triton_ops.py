@@ -175,6 +175,13 @@ def _pack8(bits, NB: tl.constexpr):
 
 
 @triton.jit
+def _sign_row(x_ptr, r_ptr, scales_ptr, packed_ptr, n, block, rows_ptr, HAS_ROWS: tl.constexpr):
+    """The sign kernels' pointers moved to this program's row of a stack (see :func:`_row`)."""
+    i, j = _row(rows_ptr, HAS_ROWS)
+    return x_ptr + i * n, r_ptr + j * n, scales_ptr + i * ((n + block - 1) // block), packed_ptr + i * ((n + 7) // 8)
+
+
+@triton.jit
 def _sign_codes_kernel(
     x_ptr,
     r_ptr,
@@ -192,11 +199,7 @@ def _sign_codes_kernel(
     Traffic: reads x, residual (8 B/elem) and scales (cached), writes residual (4) and 1/8:
     12.125 B/elem; with :func:`_block_stat_kernel` first, 20.125 B/elem in all.
     """
-    i, j = _row(rows_ptr, HAS_ROWS)
-    x_ptr += i * n
-    r_ptr += j * n
-    scales_ptr += i * ((n + block - 1) // block)
-    packed_ptr += i * ((n + 7) // 8)
+    x_ptr, r_ptr, scales_ptr, packed_ptr = _sign_row(x_ptr, r_ptr, scales_ptr, packed_ptr, n, block, rows_ptr, HAS_ROWS)
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * T + tl.arange(0, T)
     mask = offs < n
@@ -230,11 +233,7 @@ def _sign_ef_fused_kernel(
     Traffic: reads x and residual (8 B/elem), writes residual (4 B) and the bits (1/8 B):
     12.125 B/elem, the minimum for the math (each input read once, each output written once).
     """
-    i, j = _row(rows_ptr, HAS_ROWS)
-    x_ptr += i * n
-    r_ptr += j * n
-    scales_ptr += i * ((n + block - 1) // block)
-    packed_ptr += i * ((n + 7) // 8)
+    x_ptr, r_ptr, scales_ptr, packed_ptr = _sign_row(x_ptr, r_ptr, scales_ptr, packed_ptr, n, block, rows_ptr, HAS_ROWS)
     b = tl.program_id(0)
     start = b.to(tl.int64) * block
     idx = tl.arange(0, BLOCK)
