@@ -882,16 +882,35 @@ def topk_threshold_ef_triton(x: Tensor, residual: Tensor | None, k: int, capacit
 # many clients: one [m, n] stack through the same kernels, every row in the same launches (a
 # [tiles, m] grid: program_id(1) is the row), each row with its own residual row and outputs
 # --------------------------------------------------------------------------
+MAX_GRID_ROWS = 65535  # a CUDA grid's second dimension: a taller stack goes in slices of this many rows
+
+
+def _in_slices(op, x: Tensor, residual: Tensor | None, rows, per_row=None) -> tuple[Tensor, ...]:
+    """``op(x_slice, residual_or_its_slice, rows_slice[, per_row_slice])`` over slices of at most
+    MAX_GRID_ROWS rows, outputs concatenated (one slice, the usual case: one call)."""
+    m = x.shape[0]
+    if m <= MAX_GRID_ROWS:
+        return op(x, residual, rows) if per_row is None else op(x, residual, rows, per_row)
+    parts = []
+    for s in range(0, m, MAX_GRID_ROWS):
+        e = min(m, s + MAX_GRID_ROWS)
+        r = residual if residual is None or rows is not None else residual[s:e]
+        args = (x[s:e], r, None if rows is None else list(rows)[s:e])
+        parts.append(op(*args) if per_row is None else op(*args, list(per_row)[s:e]))
+    return tuple(torch.cat(outs) for outs in zip(*parts))
+
+
 def topk_ef_rows_triton(x: Tensor, residual: Tensor | None, k: int, index_dtype: torch.dtype, rows=None):
-    return topk_ef_triton(x, residual, k, index_dtype, rows)
+    return _in_slices(lambda x, r, rows: topk_ef_triton(x, r, k, index_dtype, rows), x, residual, rows)
 
 
 def sign_ef_rows_triton(x: Tensor, residual: Tensor | None, block: int, l2: bool, rows=None):
-    return sign_ef_triton(x, residual, block, l2, rows)
+    return _in_slices(lambda x, r, rows: sign_ef_triton(x, r, block, l2, rows), x, residual, rows)
 
 
 def qsgd_rows_triton(x: Tensor, residual: Tensor | None, levels: int, bucket: int, seeds, rows=None):
-    return qsgd_triton(x, residual, levels, bucket, seeds, rows)
+    op = lambda x, r, rows, seeds: qsgd_triton(x, r, levels, bucket, seeds, rows)  # noqa: E731
+    return _in_slices(op, x, residual, rows, seeds)
 
 
 def randk_ef_rows_triton(x: Tensor, residual: Tensor | None, seeds, k: int, rows=None):

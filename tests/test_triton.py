@@ -250,6 +250,28 @@ def test_one_launch_stacks_equal_one_call_per_row(m, n, dtype, residual):
         assert_same(r1, r2, "residual vs reference")
 
 
+@pytest.mark.parametrize("rows", [None, [4, 0, 3, 1, 2]])
+def test_stacks_taller_than_a_grid_go_in_slices(monkeypatch, rows):
+    """A stack with more rows than a CUDA grid's second dimension takes (MAX_GRID_ROWS, here
+    2) runs in slices; the result equals the one-slice call."""
+    x = torch.stack([make_input(300, torch.float32, seed=60 + i)[0] for i in range(5)])
+    slab = torch.stack([make_input(300, torch.float32, seed=70 + j)[1] for j in range(5)])
+    calls = [
+        lambda r: T.topk_ef_rows_triton(x, r, 20, torch.int64, rows),
+        lambda r: T.sign_ef_rows_triton(x, r, 64, False, rows),
+        lambda r: T.qsgd_rows_triton(x, r, 4, 128, [11, 12, 13, 14, 15], rows),
+    ]
+    for call in calls:
+        r_whole, r_sliced = slab.clone(), slab.clone()
+        whole = call(r_whole)
+        with monkeypatch.context() as mp:
+            mp.setattr(T, "MAX_GRID_ROWS", 2)
+            sliced = call(r_sliced)
+        for a, b in zip(sliced, whole):
+            assert_same(a, b, "output")
+        assert_same(r_sliced, r_whole, "residual")
+
+
 def test_one_launch_stacks_of_nothing():
     for m, n in ((0, 5), (3, 0)):
         x = torch.zeros(m, n)
