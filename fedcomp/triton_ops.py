@@ -793,8 +793,8 @@ def _compact_kernel(
 
 def _radix_select(keys: Tensor, n: int, k: int, m: int = 1) -> Tensor:
     """state[i, 1] <- the k-th largest of row i's n keys (1 <= k <= n), state[i, 0] <- how many
-    entries equal to it are among row i's top k; ``[m, 2]`` int32 (``[2]`` for m = 1's callers
-    read row 0). All on the device: no host synchronisation."""
+    entries equal to it are among row i's top k; ``[m, 2]`` int32.
+    All on the device: no host synchronisation."""
     state = torch.zeros(m, 2, dtype=torch.int32, device=keys.device)
     state[:, 0] = k  # a fill on the device (a tensor built from [k, 0] would copy from the host)
     shift = 31
@@ -808,9 +808,10 @@ def _radix_select(keys: Tensor, n: int, k: int, m: int = 1) -> Tensor:
     return state
 
 
-def _compact(keys, a, residual, state, at_least: bool, cap, values, indices, n, m=1, rows=(None, False)) -> Tensor:
+def _compact(keys, a, residual, state, at_least: bool, cap, values, indices, n, m, rows) -> Tensor:
     """count -> scan -> compact, reading the threshold from ``state`` on the device (no host
-    sync), for each of m rows in the same launches. Returns each row's picked total, ``[m]``."""
+    sync), for each of m rows in the same launches (``rows``: :func:`_rows_arg`). Returns each
+    row's picked total, ``[m]``."""
     ntiles = _grid(n)[0]
     counts = torch.empty(m, 2 * ntiles, dtype=torch.int32, device=keys.device)
     offsets = torch.empty(m, 2 * ntiles, dtype=torch.int32, device=keys.device)
@@ -820,19 +821,20 @@ def _compact(keys, a, residual, state, at_least: bool, cap, values, indices, n, 
     r = residual if residual is not None else a
     rows_t, has_rows = rows
     _compact_kernel[(ntiles, m)](
-        keys, a, r, n, state, cap, offsets, ntiles, values, indices, keys if rows_t is None else rows_t,
+        keys, a, r, n, state, cap, offsets, ntiles, values, indices, rows_t,
         HAS_R=residual is not None, AT_LEAST=at_least, T=TILE, HAS_ROWS=has_rows, **_OPTS,
     )  # fmt: skip
     return total
 
 
-def _keys(x: Tensor, residual: Tensor | None, rows=(None, False)) -> tuple[Tensor, Tensor]:
+def _keys(x: Tensor, residual: Tensor | None, rows) -> tuple[Tensor, Tensor]:
+    """(keys [m, n], a): the top-k keys of x (+ residual, stored there), ``rows`` from :func:`_rows_arg`."""
     m, n = _shape(x)
     keys = torch.empty(m, n, dtype=torch.int32, device=x.device)
     r = residual if residual is not None else x
     rows_t, has_rows = rows
     _topk_keys_kernel[(_grid(n)[0], m)](
-        x, r, keys, n, x if rows_t is None else rows_t, HAS_R=residual is not None, T=TILE, HAS_ROWS=has_rows, **_OPTS
+        x, r, keys, n, rows_t, HAS_R=residual is not None, T=TILE, HAS_ROWS=has_rows, **_OPTS
     )
     return keys, (residual if residual is not None else x)
 
@@ -868,13 +870,14 @@ def topk_threshold_ef_triton(x: Tensor, residual: Tensor | None, k: int, capacit
     count = torch.zeros((), dtype=torch.int64, device=x.device)
     if n == 0:
         return values, indices, count
-    keys, a = _keys(x, residual)
+    one = _rows_arg(x, None)
+    keys, a = _keys(x, residual, one)
     if k == 0:
         return values, indices, count
     sample = torch.empty(sample_size, dtype=torch.int32, device=x.device)
     _gather_keys_kernel[_grid(sample_size)](keys, sample, n, sample_size, seed, T=TILE, **_OPTS)
     state = _radix_select(sample, sample_size, -(-k * sample_size // n))
-    count = _compact(keys, a, residual, state, True, capacity, values, indices, n)[0]
+    count = _compact(keys, a, residual, state, True, capacity, values, indices, n, 1, one)[0]
     return values, indices, count
 
 
