@@ -57,20 +57,37 @@ class Grid:
         self.units = [(a, c, s) for s in self.seeds for a in self.algorithms for c in self.compressors]
 
 
+# The first grids ran with trajectory matching, FedSynSAM's first objective: they keep it, so
+# their records stay theirs. The estimate grids (issue 23) measure every round's perturbation
+# estimate against grad F(w^t) (diagnose = "estimate,oracle"); "estimate" runs today's default
+# (gradient matching), "estimate-trajectory" the first objective with the same diagnostic.
+# FedAvg is not rerun: it perturbs along nothing, and its training does not depend on the
+# synthetic set's settings, so its alpha0.1 runs are the accuracy baseline of the same seeds.
+FIRST = {"alpha": 0.1, "syn_objective": "trajectory"}
+ESTIMATE_ALGORITHMS = ["fedsynsam", "fedlesam", "fedsam"]
 GRIDS = [
-    Grid("alpha0.1", {"alpha": 0.1}, ALGORITHMS, COMPRESSORS, MAIN_SEEDS, "main grid, Dirichlet α = 0.1"),
-    Grid("alpha0.5", {"alpha": 0.5}, ALGORITHMS, COMPRESSORS, MAIN_SEEDS, "main grid, Dirichlet α = 0.5"),
-    *[Grid(f"rho{r}", {"alpha": 0.1, "rho": r}, SAM, ["topk"], SUB_SEEDS, f"ρ = {r}") for r in (0.01, 0.02, 0.1, 0.2)],
-    Grid("syn-per-class1", {"alpha": 0.1, "syn_per_class": 1}, ["fedsynsam"], ["topk"], SUB_SEEDS, "1 image per class"),
-    Grid("syn-per-class30", {"alpha": 0.1, "syn_per_class": 30}, ["fedsynsam"], ["topk"], SUB_SEEDS, "30 per class"),
-    Grid("syn-period5", {"alpha": 0.1, "syn_period": 5}, ["fedsynsam"], ["topk"], SUB_SEEDS, "refresh every 5"),
-    Grid("syn-period25", {"alpha": 0.1, "syn_period": 25}, ["fedsynsam"], ["topk"], SUB_SEEDS, "refresh every 25"),
-    Grid("syn-server", {"alpha": 0.1, "perturbation": "server"}, ["fedsynsam"], ["topk"], SUB_SEEDS, "server ε"),
+    Grid("alpha0.1", FIRST, ALGORITHMS, COMPRESSORS, MAIN_SEEDS, "main grid, Dirichlet α = 0.1"),
+    Grid("alpha0.5", {**FIRST, "alpha": 0.5}, ALGORITHMS, COMPRESSORS, MAIN_SEEDS, "main grid, Dirichlet α = 0.5"),
+    *[Grid(f"rho{r}", {**FIRST, "rho": r}, SAM, ["topk"], SUB_SEEDS, f"ρ = {r}") for r in (0.01, 0.02, 0.1, 0.2)],
+    Grid("syn-per-class1", {**FIRST, "syn_per_class": 1}, ["fedsynsam"], ["topk"], SUB_SEEDS, "1 image per class"),
+    Grid("syn-per-class30", {**FIRST, "syn_per_class": 30}, ["fedsynsam"], ["topk"], SUB_SEEDS, "30 per class"),
+    Grid("syn-period5", {**FIRST, "syn_period": 5}, ["fedsynsam"], ["topk"], SUB_SEEDS, "refresh every 5"),
+    Grid("syn-period25", {**FIRST, "syn_period": 25}, ["fedsynsam"], ["topk"], SUB_SEEDS, "refresh every 25"),
+    Grid("syn-server", {**FIRST, "perturbation": "server"}, ["fedsynsam"], ["topk"], SUB_SEEDS, "server ε"),
+    Grid(
+        "estimate", {"alpha": 0.1, "diagnose": "estimate,oracle"}, ESTIMATE_ALGORITHMS, COMPRESSORS, MAIN_SEEDS,
+        "α = 0.1, gradient matching, estimate diagnostic",
+    ),
+    Grid(
+        "estimate-trajectory", {**FIRST, "diagnose": "estimate"}, ["fedsynsam"], ["topk", "none"], MAIN_SEEDS,
+        "α = 0.1, trajectory matching (the first objective), estimate diagnostic",
+    ),
 ]
 
 
 RECORDS = HERE / "experiment-mnist" / "runs.jsonl"
-PARTS = ("all", "main", "sub")
+PARTS = ("all", "main", "sub", "estimate")
+ESTIMATE_GRIDS = ("estimate", "estimate-trajectory")
 
 
 def _grid(name: str) -> Grid:
@@ -80,14 +97,22 @@ def _grid(name: str) -> Grid:
 def selected(part: str = "all") -> list[tuple[str, str, str, int]]:
     """The runs ``(grid, algorithm, compressor, seed)`` of ``part``: ``main`` (the two main grids),
     ``sub`` (the ρ sweep and the ablations, with the α = 0.1 top-k runs on their seeds that they
-    are paired with) or ``all``; in the order ``run`` takes them: the main grids seed by seed
-    first, so that an early stop still leaves paired results, then the rest."""
+    are paired with), ``estimate`` (the estimate grids) or ``all``; in the order ``run`` takes
+    them: the main grids seed by seed first, so that an early stop still leaves paired results,
+    then the rest. The estimate grids go seed by seed through top-k and none (within a seed and
+    compressor: FedSynSAM, FedLESAM, FedSAM, then the first objective), then sign."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {', '.join(PARTS)}; got {part!r}")
     main = [(g.name, *u) for g in GRIDS[:2] for u in g.units]
-    sub = [(g.name, *u) for g in GRIDS[2:] for u in g.units]
+    sub = [(g.name, *u) for g in GRIDS[2:] if g.name not in ESTIMATE_GRIDS for u in g.units]
+    estimate = [(g.name, *u) for g in GRIDS if g.name in ESTIMATE_GRIDS for u in g.units]
     base = [("alpha0.1", a, "topk", s) for s in SUB_SEEDS for a in ALGORITHMS]
-    units = {"all": main + sub, "main": main, "sub": base + sub}[part]
+    if part == "estimate":
+        rank = {("estimate", a): i for i, a in enumerate(ESTIMATE_ALGORITHMS)}
+        rank[("estimate-trajectory", "fedsynsam")] = len(ESTIMATE_ALGORITHMS)
+        comp = {"topk": 0, "none": 1, "sign": 2}
+        return sorted(estimate, key=lambda t: (t[2] == "sign", t[3], comp[t[2]], rank[t[0], t[1]]))
+    units = {"all": main + sub + estimate, "main": main, "sub": base + sub}[part]
     order = {g.name: i for i, g in enumerate(GRIDS)}
     return sorted(units, key=lambda t: (not t[0].startswith("alpha"), t[3], order[t[0]]))
 
@@ -154,7 +179,7 @@ def _one(out: str, grid: str, a: str, c: str, s: int) -> str:
     g = _grid(grid)
     # 512 of the 4,000 training points define the measured loss; the 2-D landscape (441 loss
     # evaluations, the largest cost on the CNN) only for seed 0
-    options = {"samples": SHARPNESS_SAMPLES, "surface": s == 0}
+    options = {"samples": SHARPNESS_SAMPLES, "surface": s == 0 and grid not in ESTIMATE_GRIDS}
     run_grid(
         {**BASE, **g.overrides}, [a], [c], [s], Path(out) / grid, progress=False, sharpness=True,
         sharpness_options=options,

@@ -21,6 +21,11 @@ _FLAG_HELP = {
     "algorithm": "fedavg | fedsam | mofedsam | fedlesam | fedsynsam | dppf",
     "compressor": "none | topk | randk | sign | qsgd | 3sfc | fedsynth (client uploads)",
     "ratio": "fraction of entries kept by topk / randk, in (0, 1]",
+    "syn_objective": "FedSynSAM: gradient (match the trajectory's displacements) | trajectory (the first method)",
+    "syn_points": "FedSynSAM gradient matching: trajectory points per Adam iteration",
+    "syn_iters": "FedSynSAM: Adam iterations of the first set (unset: 100 gradient, 60 trajectory)",
+    "syn_refresh_iters": "FedSynSAM: Adam iterations of a refresh (unset: 20 gradient, 8 trajectory)",
+    "diagnose": "estimate | estimate,oracle: record each round's cos(estimate, grad F) (simulation only)",
     "error_feedback": "keep an error-feedback residual per client (true/false; unset: on for every "
     "compressor but qsgd)",
     "rounds": "communication rounds T",
@@ -57,7 +62,8 @@ def _add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
     for f in dataclasses.fields(Config):
         if f.name in skip:
             continue
-        kind = {"int": int, "float": float, "bool": _bool, "bool | None": _bool, "str": str, "str | None": str}[f.type]
+        kinds = {"int": int, "int | None": int, "float": float, "bool": _bool, "bool | None": _bool}
+        kind = {**kinds, "str": str, "str | None": str}[f.type]
         p.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,

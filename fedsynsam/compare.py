@@ -90,7 +90,7 @@ def run_grid(
     table = format_results(rows, cfgs[0])
     (out / "results.md").write_text(table + "\n")
     with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # every row's columns
         writer.writeheader()
         writer.writerows(rows)
     written = ["results.md", "results.csv"] + _plot_grid(out, algorithms, compressors, seeds)
@@ -131,6 +131,9 @@ def collect(out: Path, algorithms, compressors, seeds) -> list[dict]:
                 vals = [x[key] for x in summaries if x.get(key) is not None]
                 if len(vals) == len(summaries):
                     row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(vals)
+            medians = [x["estimate"]["eps"]["median"] for x in summaries if "eps" in x.get("estimate", {})]
+            if medians and len(medians) == len(summaries):  # the estimate diagnostic was on
+                row["eps_cosine_mean"], row["eps_cosine_std"] = _mean_std(medians)
             rows.append(row)
     return rows
 
@@ -141,6 +144,9 @@ def format_results(rows: list[dict], cfg: Config) -> str:
     head = ["algorithm", "compressor", "final test acc", "last-5 mean acc", "uplink MB", "downlink MB", "s/run"]
     if sharp:
         head += ["λ_max", "Hessian trace", "valley width"]
+    estimate = any("eps_cosine_mean" in r for r in rows)
+    if estimate:
+        head.append("median cos(ε, ∇F)")
     lines = [
         f"Dataset {cfg.dataset}, model {cfg.model}, {cfg.clients} clients ({cfg.per_round}/round), "
         f"Dirichlet α={cfg.alpha}, {cfg.rounds} rounds, K={cfg.local_steps}, lr={cfg.lr}, ρ={cfg.rho}, "
@@ -166,6 +172,8 @@ def format_results(rows: list[dict], cfg: Config) -> str:
                 f"{r['hessian_trace_mean']:.3g} ± {r['hessian_trace_std']:.2g}",
                 f"{r['valley_width_mean']:.3f} ± {r['valley_width_std']:.3f}",
             ]
+        if estimate:  # FedAvg perturbs along nothing: no cosine
+            cells.append(f"{r['eps_cosine_mean']:+.2f} ± {r['eps_cosine_std']:.2f}" if "eps_cosine_mean" in r else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -174,7 +182,7 @@ def _plot_grid(out: Path, algorithms, compressors, seeds) -> list[str]:
     """Accuracy curves averaged over seeds, one line per (algorithm, compressor); with sharpness
     measured, also λ_max bars and the first seed's 1-D landscapes. Returns the file names."""
 
-    from .plots import plot_bars, plot_landscape_1d
+    from .plots import plot_bars, plot_estimate, plot_landscape_1d
 
     runs, eigen, curves = {}, {}, {}
     for a in algorithms:
@@ -197,6 +205,9 @@ def _plot_grid(out: Path, algorithms, compressors, seeds) -> list[str]:
                 land = load_plain(_run_dir(out, a, c, seeds[0]) / "landscape.pt")
                 curves[f"{a}/{c}"] = (land["alphas"], land["loss_1d"])
     names = [p.name for p in plot_runs(runs, out)]
+    estimate = {f"{a}/{c}": _records(_run_dir(out, a, c, seeds[0])) for a in algorithms for c in compressors}
+    if plot_estimate(estimate, out / "estimate_cosine.png") is not None:
+        names.append("estimate_cosine.png")
     if eigen and len(eigen) == len(runs):
         plot_bars(eigen, out / "lambda_max.png", "λ_max (mean ± std over seeds)")
         plot_landscape_1d(curves, out / "landscape_1d.png")

@@ -14,6 +14,7 @@ import fedcomp
 
 from .algorithms import ALGORITHMS
 from .data import DATASETS, EMBEDDED
+from .estimate import parse_diagnose
 from .models import MODELS
 
 if sys.version_info >= (3, 11):
@@ -26,6 +27,7 @@ __all__ = [
     "COMPRESSORS",
     "PARTITIONS",
     "PERTURBATION_MODES",
+    "SYN_ITERS",
     "EXECUTION_ONLY",
     "NOT_IDENTITY",
     "load_toml",
@@ -35,6 +37,8 @@ __all__ = [
 COMPRESSORS = ("none", "topk", "randk", "sign", "qsgd", "3sfc", "fedsynth")
 PARTITIONS = ("dirichlet", "shards")
 PERTURBATION_MODES = ("client", "server")
+# (first, refresh) Adam iterations of each synthetic-set objective when the config leaves them unset
+SYN_ITERS = {"gradient": (100, 20), "trajectory": (60, 8)}
 F32_MAX = 3.4028234663852886e38  # settings enter float32 arithmetic: larger ones overflow
 
 
@@ -75,8 +79,12 @@ class Config:
     syn_window: int = 20  # global models kept
     syn_span: int = 2  # M
     syn_unroll: int = 10  # N
-    syn_iters: int = 60  # Adam iterations of the first distillation (from noise)
-    syn_refresh_iters: int = 8  # of each refresh, warm-started from the previous set
+    syn_objective: str = "gradient"  # "gradient" (matching) or "trajectory" (the first method)
+    syn_points: int = 5  # gradient matching: trajectory points per Adam iteration
+    # Adam iterations of the first distillation (from noise) and of each refresh (warm-started
+    # from the previous set); None: the objective's default (SYN_ITERS)
+    syn_iters: int | None = None
+    syn_refresh_iters: int | None = None
     syn_lr_images: float = 0.05
     syn_lr_labels: float = 0.05
     syn_lr_step: float = 0.01
@@ -93,6 +101,10 @@ class Config:
     eval_every: int = 1
     checkpoint_every: int = 1
     device: str = "auto"  # auto | cpu | cuda | cuda:N; not part of a run's identity (resume on either)
+    # diagnostics recorded in every round's record (simulation only; they never change training):
+    # "estimate" = the cosine of each perturbation estimate with grad F(w^t); "estimate,oracle" adds
+    # the oracle synthetic set's (fedsynsam.estimate)
+    diagnose: str = ""
 
     def validate(self) -> Config:
         """Raise ValueError naming the setting and its valid range or choices."""
@@ -103,14 +115,19 @@ class Config:
             "model": MODELS,
             "partition": PARTITIONS,
             "perturbation": PERTURBATION_MODES,
+            "syn_objective": tuple(SYN_ITERS),
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(valid)}")
+        if self.syn_iters is None:  # resolved here, so a run's saved config says how many
+            self.syn_iters = SYN_ITERS[self.syn_objective][0]
+        if self.syn_refresh_iters is None:
+            self.syn_refresh_iters = SYN_ITERS[self.syn_objective][1]
         positive_ints = (
             "rounds clients per_round shards_per_client local_steps batch_size sign_block qsgd_bucket "
             "syn_per_class syn_min_models syn_period syn_window syn_span syn_unroll syn_iters syn_refresh_iters "
-            "eval_every "
+            "syn_points eval_every "
             "checkpoint_every sfc_samples sfc_iters fedsynth_batches fedsynth_batch_size fedsynth_iters"
         ).split()
         for name in positive_ints:
@@ -168,6 +185,10 @@ class Config:
                 f"syn_min_models must be in [syn_span+1={self.syn_span + 1}, syn_window={self.syn_window}]; "
                 f"got {self.syn_min_models}"
             )
+        if "oracle" in parse_diagnose(self.diagnose) and self.syn_objective != "gradient":
+            raise ValueError(
+                f"diagnose 'oracle' matches gradients: it needs syn_objective = 'gradient'; got {self.syn_objective!r}"
+            )
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
@@ -199,7 +220,7 @@ class Config:
 # config that differs only in them.
 EXECUTION_ONLY = ("device",)
 # Settings a checkpoint may be resumed with other values of (a longer run, another device).
-NOT_IDENTITY = ("rounds", *EXECUTION_ONLY)
+NOT_IDENTITY = ("rounds", "diagnose", *EXECUTION_ONLY)
 
 
 def resolve_device(name: str) -> torch.device:

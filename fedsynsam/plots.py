@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_runs", "plot_landscape_1d", "plot_landscape_2d", "plot_bars"]
+__all__ = ["plot_runs", "plot_landscape_1d", "plot_landscape_2d", "plot_bars", "plot_estimate"]
 
 
 def _pyplot():
@@ -50,6 +50,36 @@ def plot_runs(runs: dict[str, list[dict]], out_dir: str | Path, prefix: str = ""
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_estimate(runs: dict[str, list[dict]], path: str | Path, keys=("eps",)) -> Path | None:
+    """Cosine with grad F(w^t) of each estimate in ``keys`` (:data:`fedsynsam.estimate.ESTIMATES`)
+    against the round, one line per run and key (records of runs with ``diagnose = "estimate"``;
+    ``runs``: label -> records). Writes ``path``; ``None`` (nothing written) if none measured it."""
+    points = {
+        f"{label} {key}".strip() if len(keys) > 1 else label: [
+            (r["round"], r["estimate"][key]) for r in records if (r.get("estimate") or {}).get(key) is not None
+        ]
+        for label, records in runs.items()
+        for key in keys
+    }
+    points = {label: p for label, p in points.items() if p}
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for label, p in points.items():
+        ax.plot([x for x, _ in p], [y for _, y in p], label=label, linewidth=1.2)
+    ax.axhline(0, color="0.5", linewidth=0.8)
+    ax.set_ylim(-1, 1)
+    ax.set_xlabel("round")
+    ax.set_ylabel("cosine with ∇F(w^t)" if len(keys) > 1 else "cos(ε direction, ∇F(w^t))")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
 
 
 def plot_landscape_1d(curves: dict, path: str | Path) -> Path:

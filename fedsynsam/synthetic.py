@@ -3,14 +3,27 @@
 Our reading of the paper (design.md section 4; every choice is a configurable default):
 the server keeps the last ``window`` global models. Once it holds ``min_models`` of
 them, and then every ``period`` rounds, it distils a labelled synthetic set ``D_syn``
-(``per_class`` images per class, learnable soft labels, a learnable step size) by
-trajectory matching: pick a start ``s`` in the window, set ``theta_0 = w^s``, unroll
-``unroll`` differentiable SGD steps on ``D_syn`` and minimise
+(``per_class`` images per class, learnable soft labels) whose gradient ``g_syn(w)``
+estimates the direction of the federation's gradient ``grad F(w)``. Two objectives:
 
-    ||theta_N - w^{s+M}||^2 / ||w^s - w^{s+M}||^2
+* ``"gradient"`` (the default): **gradient matching** against the observed trajectory.
+  At each stored model ``w^s`` with a model ``M`` rounds later, the server's best view of
+  the descent direction is the displacement ``d_s = -(w^{s+M} - w^s)`` (``M`` rounds of
+  aggregated updates: more clients, and error feedback's delayed mass largely arrived).
+  Adam minimises, over images and label logits, the mean over ``points`` sampled starts
 
-over images, label logits and log step size with Adam. The server has no data: the
-images start as Gaussian noise in the (standardised) input space.
+      1 - cos(g_syn(w^s), d_s)
+
+  so that ``D_syn``'s gradient field points like the federation's along the recent
+  trajectory, and, being a field (not one vector), carries on to ``w^t``, where no
+  displacement is known yet. One double backprop per point and iteration.
+* ``"trajectory"`` (the first method): trajectory matching. Pick a start ``s``, set
+  ``theta_0 = w^s``, unroll ``unroll`` differentiable SGD steps on ``D_syn`` with a
+  learnable step size and minimise ``||theta_N - w^{s+M}||^2 / ||w^s - w^{s+M}||^2``.
+
+The server has no data: the images start as Gaussian noise in the (standardised) input
+space. The targets may also be given (the *oracle* diagnostic passes ``grad F(w^s)``
+itself, :mod:`fedsynsam.estimate`).
 """
 
 from __future__ import annotations
@@ -26,7 +39,9 @@ from fedcomp.flat import FlatSpec
 
 from .optim import Adam
 
-__all__ = ["SyntheticSet", "distill", "matching_loss"]
+__all__ = ["OBJECTIVES", "SyntheticSet", "distill", "matching_loss", "gradient_matching_loss", "displacements"]
+
+OBJECTIVES = ("gradient", "trajectory")
 
 
 @dataclass
@@ -90,6 +105,25 @@ def matching_loss(model, spec, start: Tensor, target: Tensor, images, label_logi
     return (theta - target).pow(2).sum() / (start - target).pow(2).sum().clamp_min(1e-12)
 
 
+def gradient_matching_loss(model, spec, points, targets, images, label_logits) -> Tensor:
+    """``mean_s (1 - cos(g_syn(w^s), d_s))`` over ``points`` ``w^s`` and ``targets`` ``d_s`` (flat
+    ``[numel]`` each), ``g_syn`` the gradient of the soft-label loss on ``(images, label_logits)``;
+    differentiable in ``images`` ``[m, C, H, W]`` and ``label_logits`` ``[m, classes]``."""
+    from .syncomp import synthetic_gradient
+
+    total = images.new_zeros(())
+    for w, d in zip(points, targets):
+        g = synthetic_gradient(model, spec, w, images, label_logits, create_graph=True)
+        total = total + (1.0 - (g @ d) / (g.norm() * d.norm()).clamp_min(1e-30))
+    return total / len(points)
+
+
+def displacements(trajectory: list[Tensor], span: int) -> list[Tensor]:
+    """``d_s = -(w^{s+span} - w^s)`` for every start ``s`` with a model ``span`` rounds later:
+    the gradient-matching targets at ``trajectory[:-span]`` (``len(trajectory) - span`` tensors)."""
+    return [trajectory[s] - trajectory[s + span] for s in range(len(trajectory) - span)]
+
+
 def distill(
     model: nn.Module,
     spec: FlatSpec,
@@ -108,18 +142,33 @@ def distill(
     generator: torch.Generator,
     version: int,
     init: SyntheticSet | None = None,
+    objective: str = "gradient",
+    points: int = 5,
+    targets: list[Tensor] | None = None,
 ) -> tuple[SyntheticSet, list[float]]:
-    """Distil a synthetic set from ``trajectory`` (flat global models, oldest first).
+    """Distil a synthetic set from ``trajectory`` (flat ``[numel]`` float32 global models, oldest first).
 
     Args:
-        span: ``M``, the number of rounds between the start and the target model.
+        span: ``M``, the number of rounds between a start and its target model (``"trajectory"``)
+            or across which a displacement is taken (``"gradient"``).
         init: a previous set to continue from (warm start); else noise and one-hot labels.
+        objective: ``"gradient"`` (gradient matching) or ``"trajectory"`` (trajectory matching);
+            see the module docstring.
+        points: ``"gradient"``: starts sampled (without replacement) per iteration.
+        targets: ``"gradient"``: the direction at each of ``trajectory[:-span]`` (default:
+            :func:`displacements`); the oracle diagnostic passes ``grad F`` there.
 
     Returns:
         ``(set, losses)`` with the matching loss of every iteration.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown syn_objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if len(trajectory) <= span:
         raise ValueError(f"trajectory holds {len(trajectory)} models; need more than span={span}")
+    if objective == "gradient":
+        targets = displacements(trajectory, span) if targets is None else targets
+        if len(targets) != len(trajectory) - span:
+            raise ValueError(f"targets must have {len(trajectory) - span} tensors (one per start); got {len(targets)}")
     m = per_class * num_classes
     device = trajectory[0].device
     if init is None:  # drawn on the CPU generator, then moved: the same start on every device
@@ -135,8 +184,14 @@ def distill(
     starts = len(trajectory) - span
     losses = []
     for _ in range(iters):
-        s = int(torch.randint(0, starts, (1,), generator=generator))
-        loss = matching_loss(model, spec, trajectory[s], trajectory[s + span], images, label_logits, log_lr, unroll)
+        if objective == "gradient":
+            chosen = torch.randperm(starts, generator=generator)[:points].tolist()
+            loss = gradient_matching_loss(
+                model, spec, [trajectory[s] for s in chosen], [targets[s] for s in chosen], images, label_logits
+            )
+        else:
+            s = int(torch.randint(0, starts, (1,), generator=generator))
+            loss = matching_loss(model, spec, trajectory[s], trajectory[s + span], images, label_logits, log_lr, unroll)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -37,6 +37,7 @@ from . import algorithms as alg
 from . import checkpoint as checkpoints
 from .config import NOT_IDENTITY, Config, resolve_device
 from .data import Dataset, load_dataset
+from .estimate import ESTIMATES, EstimateProbe, parse_diagnose, summarize
 from .rounds import (
     RoundPlan,
     RoundResult,
@@ -151,6 +152,11 @@ class Trainer:
         # seconds per part of the rounds: "aggregate" is the server's decode + aggregation (+ the
         # broadcast's compression when the downlink is compressed), "algorithm" DPPF's pull-push
         self.timings = dict.fromkeys(("local", "compress", "wire", "aggregate", "algorithm", "distill", "eval"), 0.0)
+        # the estimate diagnostic (simulation only): timed apart, outside a round's "seconds"
+        self.diagnose = parse_diagnose(cfg.diagnose)
+        self.probe = EstimateProbe(self, oracle="oracle" in self.diagnose) if "estimate" in self.diagnose else None
+        self.timings["diagnose"] = 0.0
+        self._estimate: dict[int, tuple[dict, float]] = {}  # round -> (cosines, seconds spent)
 
     # -- model helpers -------------------------------------------------------
     @property
@@ -192,15 +198,30 @@ class Trainer:
         if source == "synthetic":
             plan.synthetic = st.synthetic
         elif source == "synthetic-server":  # the server computes g_syn(w^t) once and sends it
-            self.load_flat(st.w)
-            g = torch.autograd.grad(
-                alg.soft_cross_entropy(self.model(st.synthetic.images), st.synthetic.label_logits),
-                list(self.model.parameters()),
-            )
-            plan.direction = torch.cat([x.detach().reshape(-1) for x in g])
+            plan.direction = self.synthetic_direction(st.synthetic, st.w)
         seeded = counter(self.uplink)
         plan.first_call = seeded.calls if seeded is not None else 0
+        if self.probe is not None and self._evaluated(t):
+            tic = time.perf_counter()
+            cosines = self.probe.measure(plan)
+            self._estimate[t] = (cosines, time.perf_counter() - tic)
+            self.timings["diagnose"] += self._estimate[t][1]
         return plan
+
+    def _evaluated(self, t: int) -> bool:
+        """Whether round ``t`` (0-based) is evaluated (and, with ``diagnose``, measured)."""
+        return (t + 1) % self.cfg.eval_every == 0 or t + 1 == self.cfg.rounds
+
+    def synthetic_direction(self, synthetic: SyntheticSet | None, w: torch.Tensor) -> torch.Tensor | None:
+        """``g_syn(w)``: the gradient of the soft-label loss on ``synthetic`` at flat ``w`` (``[numel]``)."""
+        if synthetic is None:
+            return None
+        self.load_flat(w)
+        g = torch.autograd.grad(
+            alg.soft_cross_entropy(self.model(synthetic.images), synthetic.label_logits),
+            list(self.model.parameters()),
+        )
+        return torch.cat([x.detach().reshape(-1) for x in g])
 
     def downlink_bytes(self, plan: RoundPlan, client: int) -> int:
         """Bytes sent down to ``client`` for ``plan``: each dense tensor as an identity payload.
@@ -318,18 +339,21 @@ class Trainer:
             self._maybe_refresh()
         tic = time.perf_counter()
         record = {"round": t + 1}
-        if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds:
+        if self._evaluated(t):
             record["test_acc"], record["test_loss"] = self.evaluate()
         else:
             record["test_acc"] = record["test_loss"] = None
         self.timings["eval"] += time.perf_counter() - tic
+        cosines, probe_seconds = self._estimate.pop(t, (None, 0.0))
         record.update(
             train_loss=sum(result.losses) / len(result.losses) if result.losses else None,
             uplink_bytes=sum(p.nbytes for p in payloads),
             downlink_bytes=down,
-            seconds=time.perf_counter() - start,
+            seconds=time.perf_counter() - start - probe_seconds,
             perturbation=plan.source,
         )
+        if cosines is not None:
+            record["estimate"] = cosines
         if result.failed:
             record["failed_clients"] = result.failed
         if cfg.algorithm == "dppf" and st.workers:
@@ -343,7 +367,20 @@ class Trainer:
         if st.synthetic is not None and st.round - st.last_refresh < cfg.syn_period:
             return
         tic = time.perf_counter()
-        st.synthetic, losses = distill(
+        st.synthetic, losses = self._distill(st.synthetic)
+        st.last_refresh = st.round
+        st.distill_losses.append((st.round, losses[0], losses[-1]))
+        self.timings["distill"] += time.perf_counter() - tic
+        if self.probe is not None and self.probe.oracle_enabled:  # the same construction, given grad F
+            tic = time.perf_counter()
+            starts = st.trajectory[: len(st.trajectory) - cfg.syn_span]
+            self.probe.oracle, _ = self._distill(self.probe.oracle, self.probe.oracle_targets(starts))
+            self.timings["diagnose"] += time.perf_counter() - tic
+
+    def _distill(self, init: SyntheticSet | None, targets=None) -> tuple[SyntheticSet, list[float]]:
+        """A new synthetic set from the trajectory, warm-started from ``init`` (this round's generator)."""
+        cfg, st = self.cfg, self.state
+        return distill(
             self.model,
             self.spec,
             st.trajectory,
@@ -352,18 +389,18 @@ class Trainer:
             per_class=cfg.syn_per_class,
             unroll=cfg.syn_unroll,
             span=cfg.syn_span,
-            iters=cfg.syn_iters if st.synthetic is None else cfg.syn_refresh_iters,
+            iters=cfg.syn_iters if init is None else cfg.syn_refresh_iters,
             lr_images=cfg.syn_lr_images,
             lr_labels=cfg.syn_lr_labels,
             lr_step=cfg.syn_lr_step,
             init_step=cfg.lr,
             generator=_generator(cfg.seed, st.round, 2),
-            version=(st.synthetic.version + 1) if st.synthetic is not None else 1,
-            init=st.synthetic,
+            version=(init.version + 1) if init is not None else 1,
+            init=init,
+            objective=cfg.syn_objective,
+            points=cfg.syn_points,
+            targets=targets,
         )
-        st.last_refresh = st.round
-        st.distill_losses.append((st.round, losses[0], losses[-1]))
-        self.timings["distill"] += time.perf_counter() - tic
 
     # -- checkpoints -----------------------------------------------------------
     def checkpoint(self) -> dict:
@@ -381,6 +418,7 @@ class Trainer:
             "workers": st.workers,
             "distill_losses": st.distill_losses,
             "config": self.cfg.to_dict(),
+            "oracle": None if self.probe is None or self.probe.oracle is None else self.probe.oracle.state_dict(),
         }
 
     def load_checkpoint(self, ckpt: dict) -> None:
@@ -403,6 +441,8 @@ class Trainer:
         if self.downlink is not None:
             self.downlink.load_state_dict(ckpt["downlink"])
         st.workers = {int(k): v.clone() for k, v in ckpt["workers"].items()}
+        if self.probe is not None and ckpt.get("oracle") is not None:
+            self.probe.oracle = SyntheticSet.from_state_dict(ckpt["oracle"])
 
     def _save_checkpoint(self) -> None:
         checkpoints.save(self.checkpoint(), self.out / checkpoints.CHECKPOINT)
@@ -473,7 +513,7 @@ class Trainer:
         return records
 
     def _finish(self, records: list[dict]) -> None:
-        from .plots import plot_runs
+        from .plots import plot_estimate, plot_runs
 
         evaluated = [r for r in records if r["test_acc"] is not None]
         tail = evaluated[-5:]
@@ -490,6 +530,11 @@ class Trainer:
             "distillations": [list(x) for x in self.state.distill_losses],
             "config": self.cfg.to_dict(),
         }
+        if self.probe is not None:
+            summary["estimate"] = summarize(records)
+            summary["diagnose_seconds"] = self.timings["diagnose"]
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         torch.save({"w": self.state.w, "spec_names": self.spec.names}, self.out / "final_model.pt")
         plot_runs({f"{self.cfg.algorithm}/{self.cfg.compressor}": records}, self.out)
+        if self.probe is not None:  # every estimate of the run, against the round
+            plot_estimate({"": records}, self.out / "estimate_cosine.png", keys=ESTIMATES[1:])

@@ -117,7 +117,7 @@ def trajectory():
     return trainer
 
 
-def _distill(tr, models, iters, seed=0, init=None):
+def _distill(tr, models, iters, seed=0, init=None, objective="trajectory"):
     return distill(
         tr.model,
         tr.spec,
@@ -135,6 +135,7 @@ def _distill(tr, models, iters, seed=0, init=None):
         generator=torch.Generator().manual_seed(seed),
         version=1,
         init=init,
+        objective=objective,
     )
 
 
@@ -189,7 +190,7 @@ def test_warm_refresh_keeps_the_gradient_direction(trajectory):
     round 10 its gradient points like the full-data gradient: cosine >= 0.85 on average over
     5 seeds (measured: 0.87; a set distilled from noise at round 10 with 100 iterations: 0.92;
     the round-6 set unrefreshed: 0.90 here, 0.70 four rounds later, where refreshing gives 0.80)."""
-    tr, models, cfg = trajectory, trajectory.state.trajectory, Config()
+    tr, models, cfg = trajectory, trajectory.state.trajectory, Config(syn_objective="trajectory").validate()
     fresh, stale = [], []
     for seed in range(5):
         first, _ = _distill(tr, models[:7], cfg.syn_iters, seed=seed)
