@@ -156,7 +156,8 @@ class Trainer:
         self.diagnose = parse_diagnose(cfg.diagnose)
         self.probe = EstimateProbe(self, oracle="oracle" in self.diagnose) if "estimate" in self.diagnose else None
         self.timings["diagnose"] = 0.0
-        self._estimate: dict[int, tuple[dict, float]] = {}  # round -> (cosines, seconds spent)
+        self._estimate: dict[int, dict] = {}  # round -> cosines, from plan_round to apply_round
+        self._diagnose_seconds = 0.0  # spent on the diagnostic in the round under way
 
     # -- model helpers -------------------------------------------------------
     @property
@@ -203,9 +204,8 @@ class Trainer:
         plan.first_call = seeded.calls if seeded is not None else 0
         if self.probe is not None and self._evaluated(t):
             tic = time.perf_counter()
-            cosines = self.probe.measure(plan)
-            self._estimate[t] = (cosines, time.perf_counter() - tic)
-            self.timings["diagnose"] += self._estimate[t][1]
+            self._estimate[t] = self.probe.measure(plan)
+            self._diagnose_seconds += time.perf_counter() - tic
         return plan
 
     def _evaluated(self, t: int) -> bool:
@@ -344,7 +344,9 @@ class Trainer:
         else:
             record["test_acc"] = record["test_loss"] = None
         self.timings["eval"] += time.perf_counter() - tic
-        cosines, probe_seconds = self._estimate.pop(t, (None, 0.0))
+        cosines = self._estimate.pop(t, None)
+        probe_seconds, self._diagnose_seconds = self._diagnose_seconds, 0.0
+        self.timings["diagnose"] += probe_seconds
         record.update(
             train_loss=sum(result.losses) / len(result.losses) if result.losses else None,
             uplink_bytes=sum(p.nbytes for p in payloads),
@@ -375,7 +377,7 @@ class Trainer:
             tic = time.perf_counter()
             starts = st.trajectory[: len(st.trajectory) - cfg.syn_span]
             self.probe.oracle, _ = self._distill(self.probe.oracle, self.probe.oracle_targets(starts))
-            self.timings["diagnose"] += time.perf_counter() - tic
+            self._diagnose_seconds += time.perf_counter() - tic
 
     def _distill(self, init: SyntheticSet | None, targets=None) -> tuple[SyntheticSet, list[float]]:
         """A new synthetic set from the trajectory, warm-started from ``init`` (this round's generator)."""
@@ -530,9 +532,9 @@ class Trainer:
             "distillations": [list(x) for x in self.state.distill_losses],
             "config": self.cfg.to_dict(),
         }
+        summary["timings"] = dict(self.timings)  # seconds per part of the rounds run by this process
         if self.probe is not None:
             summary["estimate"] = summarize(records)
-            summary["diagnose_seconds"] = self.timings["diagnose"]
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         torch.save({"w": self.state.w, "spec_names": self.spec.names}, self.out / "final_model.pt")
         plot_runs({f"{self.cfg.algorithm}/{self.cfg.compressor}": records}, self.out)
