@@ -75,11 +75,19 @@ GRIDS = [
     Grid("syn-period25", {**FIRST, "syn_period": 25}, ["fedsynsam"], ["topk"], SUB_SEEDS, "refresh every 25"),
     Grid("syn-server", {**FIRST, "perturbation": "server"}, ["fedsynsam"], ["topk"], SUB_SEEDS, "server ε"),
     Grid(
-        "estimate", {"alpha": 0.1, "diagnose": "estimate,oracle"}, ESTIMATE_ALGORITHMS, COMPRESSORS, MAIN_SEEDS,
+        "estimate",
+        {"alpha": 0.1, "diagnose": "estimate,oracle"},
+        ESTIMATE_ALGORITHMS,
+        COMPRESSORS,
+        MAIN_SEEDS,
         "α = 0.1, gradient matching, estimate diagnostic",
     ),
     Grid(
-        "estimate-trajectory", {**FIRST, "diagnose": "estimate"}, ["fedsynsam"], ["topk", "none"], MAIN_SEEDS,
+        "estimate-trajectory",
+        {**FIRST, "diagnose": "estimate"},
+        ["fedsynsam"],
+        ["topk", "none"],
+        MAIN_SEEDS,
         "α = 0.1, trajectory matching (the first objective), estimate diagnostic",
     ),
 ]
@@ -445,13 +453,166 @@ def _sweep_and_ablations(results: Results, dest: Path) -> str | None:
     return text
 
 
+# The estimate table's rows: (label, grid, algorithm, the estimate's key in the run's summary)
+ESTIMATE_ROWS = [
+    ("FedLESAM: −u^{t−1}", "estimate", "fedlesam", "eps"),
+    ("FedSAM: a client's minibatch gradient", "estimate", "fedsam", "eps"),
+    ("FedSynSAM, trajectory matching (first objective): ĝ", "estimate-trajectory", "fedsynsam", "synthetic"),
+    ("FedSynSAM, gradient matching (default): ĝ", "estimate", "fedsynsam", "synthetic"),
+    ("oracle: gradient matching to ∇F (diagnostic, not used)", "estimate", "fedsynsam", "oracle"),
+]
+
+
+def _median_cosines(results: Results, grid: str, a: str, c: str, key: str) -> dict[int, float]:
+    """Seed -> the run's median cosine of estimate ``key`` over the rounds that measured it."""
+    out = {}
+    for s in MAIN_SEEDS:
+        est = results.get(grid, a, c, s).get("estimate", {})
+        if key in est:
+            out[s] = est[key]["median"]
+    return out
+
+
+def _mean_interval(values: list[float]) -> str:
+    if not values:
+        return "not run"
+    m, lo, hi = interval(values, 1.0)
+    if math.isnan(lo):
+        return f"{m:+.2f} (1 seed)"
+    return f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}] n={len(values)}"
+
+
+def plot_estimate_rounds(out: Path, seed: int, compressor: str, path: Path) -> Path | None:
+    """cos(estimate, ∇F(w^t)) against the round for one seed: each method's ε and the oracle's,
+    from the runs' metrics under ``out`` (``None`` where those folders are absent)."""
+    from fedsynsam.plots import plot_estimate
+
+    runs = {}
+    for label, grid, a, key in ESTIMATE_ROWS:
+        metrics = out / grid / f"{a}-{compressor}-s{seed}" / "metrics.jsonl"
+        if metrics.is_file():
+            records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            runs[label] = [
+                {"round": r["round"], "estimate": {"eps": (r.get("estimate") or {}).get(key)}} for r in records
+            ]
+    return plot_estimate(runs, path) if runs else None
+
+
+def _estimate_part(results: Results, dest: Path) -> str | None:
+    """The estimate grids: how well each method's ε points along ∇F(w^t), and what the new
+    default changes in accuracy and flatness (paired by seed with the alpha0.1 grid's runs)."""
+    comps = ["topk", "none", "sign"]
+    rows, found = [], False
+    for label, grid, a, key in ESTIMATE_ROWS:
+        cells = []
+        for c in comps:
+            values = list(_median_cosines(results, grid, a, c, key).values())
+            found |= bool(values)
+            cells.append(_mean_interval(values))
+        rows.append([label] + cells)
+    if not found:
+        return None
+    parts = [
+        "### Estimate quality: median over rounds of cos(ε, ∇F(w^t)), mean over seeds [95 % interval]\n\n"
+        + _table(["estimate (how ε's direction is formed)", "top-k 1 % + EF", "none", "sign + EF"], rows)
+    ]
+    rows = []
+    for c in comps:
+        syn = _median_cosines(results, "estimate", "fedsynsam", c, "synthetic")
+        lesam = _median_cosines(results, "estimate", "fedlesam", c, "eps")
+        sam = _median_cosines(results, "estimate", "fedsam", c, "eps")
+        seeds = sorted(set(syn) & set(lesam) & set(sam))
+        above = sum(syn[s] > max(lesam[s], sam[s]) for s in seeds)
+        gap = [syn[s] - max(lesam[s], sam[s]) for s in seeds]
+        lesam_none = _median_cosines(results, "estimate", "fedlesam", "none", "eps")
+        claim2 = [lesam[s] - lesam_none[s] for s in sorted(set(lesam) & set(lesam_none))] if c != "none" else []
+        rows.append(
+            [
+                c,
+                f"{above}/{len(seeds)}" if seeds else "n/a",
+                _mean_interval(gap),
+                _mean_interval(claim2) if c != "none" else "—",
+            ]
+        )
+    parts.append(
+        "### Per seed\n\n"
+        + _table(
+            [
+                "compressor",
+                "seeds where FedSynSAM's ĝ beats FedLESAM's and FedSAM's ε",
+                "ĝ − the better of the two",
+                "claim 2: FedLESAM's cosine, compressed − none",
+            ],
+            rows,
+        )
+    )
+    rows = []
+    for c in comps:
+        against = [
+            (f"FedSynSAM (gradient) − FedAvg, both {c}", "alpha0.1", ("fedavg", c)),
+            (f"FedSynSAM (gradient) − FedSynSAM (trajectory), both {c}", "alpha0.1", ("fedsynsam", c)),
+            (f"FedSynSAM (gradient) − FedLESAM, both {c}", "estimate", ("fedlesam", c)),
+        ]
+        if c != "none":  # "recovers": compressed FedSynSAM against uncompressed FedAvg
+            against.append((f"FedSynSAM (gradient) {c} − FedAvg none", "alpha0.1", ("fedavg", "none")))
+        for label, grid_b, run_b in against:
+            row = [label]
+            for key, _, scale in METRICS:
+                diffs = paired(results, "estimate", ("fedsynsam", c), grid_b, run_b, key)
+                row.append(cell(diffs, scale, +1 if key == "mean_test_acc_last5" else -1))
+            rows.append(row)
+    parts.append(
+        "### Claim 3 with the new default (paired by seed; FedAvg and trajectory matching from the α = 0.1 "
+        "main grid)\n\n" + _table(["difference"] + [m[1] for m in METRICS], rows)
+    )
+    rows = []
+    for label, grid in (("gradient matching (default)", "estimate"), ("trajectory matching", "estimate-trajectory")):
+        for c in comps:
+            runs = [results.get(grid, "fedsynsam", c, s) for s in MAIN_SEEDS]
+            timed = [r for r in runs if "timings" in r]
+            if not timed:
+                continue
+            run_s = statistics.fmean(r["seconds"] for r in timed)
+            distill_s = statistics.fmean(r["timings"]["distill"] for r in timed)
+            per_refresh = statistics.fmean(r["timings"]["distill"] / len(r["distillations"]) for r in timed)
+            down = statistics.fmean(r["total_downlink_bytes"] for r in timed) / 1e6
+            share = f"{100 * distill_s / run_s:.0f} %"
+            rows.append(
+                [
+                    label,
+                    c,
+                    str(len(timed)),
+                    f"{run_s:.0f}",
+                    f"{distill_s:.0f}",
+                    share,
+                    f"{per_refresh:.1f}",
+                    f"{down:.1f}",
+                ]
+            )
+    if rows:
+        head = ["objective", "compressor", "runs", "run s", "distillation s", "share", "s/refresh", "downlink MB"]
+        parts.append(
+            "### FedSynSAM's server cost (mean over the runs; diagnostic time excluded)\n\n" + _table(head, rows)
+        )
+    for c in ("topk", "none"):
+        plot_estimate_rounds(results.out, 0, c, dest / f"estimate_cosine_{c}.png")
+    text = "\n\n".join(parts) + "\n"
+    (dest / "estimate.md").write_text(text)
+    return text
+
+
 def report(results: Results, dest: Path) -> str:
     """Write what the finished runs support into ``dest``: ``claims.md`` / ``claims.png`` (the main
-    grids) and ``sweep.md`` / ``rho_sweep.png`` (the ρ sweep and the ablations). A part with no
+    grids), ``sweep.md`` / ``rho_sweep.png`` (the ρ sweep and the ablations) and ``estimate.md`` /
+    ``estimate_cosine_*.png`` (the estimate grids; the plots need the runs' folders). A part with no
     finished run leaves its files as they are (say, after a fresh checkout whose records lack it)."""
     dest.mkdir(parents=True, exist_ok=True)
     texts = []
-    for name, part in (("claims.md", _main_grid_claims), ("sweep.md", _sweep_and_ablations)):
+    for name, part in (
+        ("claims.md", _main_grid_claims),
+        ("sweep.md", _sweep_and_ablations),
+        ("estimate.md", _estimate_part),
+    ):
         text = part(results, dest)
         texts.append(text if text is not None else f"{name}: no finished run for it; {dest / name} is kept\n")
     return "\n".join(texts)
