@@ -3,6 +3,7 @@ the federation's gradient ∇F(w^t) (issue 23; the table in docs/experiment-mnis
 
     python docs/estimate_candidates.py record --compressor topk   # a trajectory, with ∇F per round
     python docs/estimate_candidates.py try --compressor topk --span 3 --period 5 --refresh 10
+    python docs/estimate_candidates.py targets --compressor topk   # how good the server's targets are
 
 ``record`` runs FedLESAM (mnist5k + CNN, α = 0.1, 20 clients / 5 per round, 100 rounds, the
 settings of docs/experiment-mnist.toml) and saves every global model ``w^t`` with ∇F(w^t) to
@@ -18,7 +19,13 @@ of those cosines and the distillation's seconds. Objectives:
 * ``gradient`` (``--span M``): 1 − cos(ĝ(w^s), −(w^{s+M} − w^s)), as fedsynsam.synthetic;
 * ``pathsum`` (``--span M``): 1 − cos(Σ_{j<M} ĝ(w^{s+j}), −(w^{s+M} − w^s)): the displacement
   is the sum of the updates made at w^s … w^{s+M−1}, so the set's gradients there are summed too;
+* ``masked`` (``--span M``): 1 − cos(ĝ(w^s) ⊙ 1[d_s ≠ 0], d_s): under top-k the displacement has
+  entries only where some upload did, so ĝ is compared there only;
 * ``oracle``: ``gradient`` with ∇F(w^s) as the target (the ceiling; a diagnostic).
+
+``targets`` measures the server's information itself: the median over rounds of
+cos(−(w^{s+M} − w^s), ∇F(w^s)), the target at each point, for M = 1…4, and of cos(∇F(w^{t−1}),
+∇F(w^t)) (how far the true gradient turns in one round).
 
 The offline replay is an approximation of a FedSynSAM run (whose trajectory depends on ĝ); the
 estimate grids of docs/experiment_mnist.py measure the chosen default in the loop.
@@ -83,6 +90,14 @@ def _loss(objective, model, spec, W, G, starts, span, images, labels):
             d = W[s] - W[s + span]
             total = total + 1 - (g @ d) / (g.norm() * d.norm()).clamp_min(1e-30)
         return total / len(starts)
+    if objective == "masked":
+        total = images.new_zeros(())
+        for s in starts:
+            g = synthetic_gradient(model, spec, W[s], images, labels, create_graph=True)
+            d = W[s] - W[s + span]
+            g = g * (d != 0)
+            total = total + 1 - (g @ d) / (g.norm() * d.norm()).clamp_min(1e-30)
+        return total / len(starts)
     targets = [G[s] if objective == "oracle" else W[s] - W[s + span] for s in starts]
     return gradient_matching_loss(model, spec, [W[s] for s in starts], targets, images, labels)
 
@@ -125,12 +140,24 @@ def try_candidate(args) -> dict:
     return out
 
 
+def targets(args) -> dict:
+    data = torch.load(OUT / f"{args.compressor}-s{args.seed}.pt")
+    W, G = data["w"], data["g"]
+    out = {"compressor": args.compressor, "seed": args.seed}
+    for span in (1, 2, 3, 4):
+        out[f"span{span}"] = round(
+            statistics.median(cosine(W[s] - W[s + span], G[s]) for s in range(10, len(W) - span)), 3
+        )
+    out["previous_true_gradient"] = round(statistics.median(cosine(G[t - 1], G[t]) for t in range(10, len(W))), 3)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["record", "try"])
+    p.add_argument("command", choices=["record", "try", "targets"])
     p.add_argument("--compressor", default="topk", choices=["topk", "none", "sign"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--objective", default="gradient", choices=["gradient", "pathsum", "oracle"])
+    p.add_argument("--objective", default="gradient", choices=["gradient", "pathsum", "masked", "oracle"])
     p.add_argument("--span", type=int, default=2)
     p.add_argument("--points", type=int, default=5, help="starts per Adam iteration")
     p.add_argument("--window", type=int, default=20)
@@ -142,6 +169,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.command == "record":
         print(record(args.compressor, args.seed))
+    elif args.command == "targets":
+        print(json.dumps(targets(args)))
     else:
         print(json.dumps(try_candidate(args)), flush=True)
     return 0
