@@ -16,6 +16,20 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return Path(path)
+
+
+def _finish_lines(fig, ax, path: str | Path) -> Path:
+    """A line chart's grid and legend, then :func:`_save`."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_runs(runs: dict[str, list[dict]], out_dir: str | Path, prefix: str = "") -> list[Path]:
     """One line per run on each chart. ``runs``: label -> the run's per-round records.
 
@@ -42,13 +56,7 @@ def plot_runs(runs: dict[str, list[dict]], out_dir: str | Path, prefix: str = ""
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"{prefix}{fname}"
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_finish_lines(fig, ax, out_dir / f"{prefix}{fname}"))
     return paths
 
 
@@ -74,12 +82,7 @@ def plot_estimate(runs: dict[str, list[dict]], path: str | Path, keys=("eps",)) 
     ax.set_ylim(-1, 1)
     ax.set_xlabel("round")
     ax.set_ylabel("cosine with ∇F(w^t)" if len(keys) > 1 else "cos(ε direction, ∇F(w^t))")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _finish_lines(fig, ax, path)
 
 
 def plot_landscape_1d(curves: dict, path: str | Path) -> Path:
@@ -90,12 +93,7 @@ def plot_landscape_1d(curves: dict, path: str | Path) -> Path:
         ax.plot(alphas.tolist(), losses.tolist(), label=label, linewidth=1.4)
     ax.set_xlabel("step along a filter-normalised random direction")
     ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _finish_lines(fig, ax, path)
 
 
 def plot_landscape_2d(alphas, grid, path: str | Path, title: str = "") -> Path:
@@ -110,10 +108,7 @@ def plot_landscape_2d(alphas, grid, path: str | Path, title: str = "") -> Path:
     ax.set_xlabel("direction 1")
     ax.set_ylabel("direction 2")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def _contour_levels(grid, count: int = 12):
@@ -134,7 +129,4 @@ def plot_bars(values: dict[str, tuple[float, float]], path: str | Path, ylabel: 
     ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

@@ -62,3 +62,31 @@ def tiny_config(**overrides):
 def strip_seconds(records: list[dict]) -> list[dict]:
     """Round records without their wall-clock field (the rest must be reproducible to the bit)."""
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def distill_digits(tr, models, iters, *, seed=0, init=None, objective="trajectory", targets=None, unroll=10):
+    """:func:`fedsynsam.synthetic.distill` on a digits trainer ``tr``: 10 images per class, span 2,
+    5 points per gradient-matching iteration, the optimiser settings of the defaults."""
+    from fedsynsam.synthetic import distill
+
+    return distill(
+        tr.model,
+        tr.spec,
+        models,
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        per_class=10,
+        unroll=unroll,
+        span=2,
+        iters=iters,
+        lr_images=0.05,
+        lr_labels=0.05,
+        lr_step=0.01,
+        init_step=0.05,
+        generator=torch.Generator().manual_seed(seed),
+        version=1,
+        init=init,
+        objective=objective,
+        points=5,
+        targets=targets,
+    )

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _support import distill_digits
 
 from fedcomp.flat import flatten
 from fedsynsam import algorithms as alg
@@ -117,26 +118,8 @@ def trajectory():
     return trainer
 
 
-def _distill(tr, models, iters, seed=0, init=None, objective="trajectory"):
-    return distill(
-        tr.model,
-        tr.spec,
-        models,
-        input_shape=(1, 8, 8),
-        num_classes=10,
-        per_class=10,
-        unroll=10,
-        span=2,
-        iters=iters,
-        lr_images=0.05,
-        lr_labels=0.05,
-        lr_step=0.01,
-        init_step=0.05,
-        generator=torch.Generator().manual_seed(seed),
-        version=1,
-        init=init,
-        objective=objective,
-    )
+def _distill(tr, models, iters, seed=0, init=None):
+    return distill_digits(tr, models, iters, seed=seed, init=init)
 
 
 def _gradients(tr, syn, w) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _support import strip_seconds, tiny_config
+from _support import distill_digits, strip_seconds, tiny_config
 from torch import nn
 
 from fedcomp.flat import flatten
@@ -203,27 +203,8 @@ def fedavg_trajectory():
     return tr
 
 
-def _distill_gradient(tr, models, iters, targets=None, seed=0):
-    return distill(
-        tr.model,
-        tr.spec,
-        models,
-        input_shape=(1, 8, 8),
-        num_classes=10,
-        per_class=10,
-        unroll=1,
-        span=2,
-        iters=iters,
-        lr_images=0.05,
-        lr_labels=0.05,
-        lr_step=0.01,
-        init_step=0.05,
-        generator=torch.Generator().manual_seed(seed),
-        version=1,
-        objective="gradient",
-        points=5,
-        targets=targets,
-    )
+def _distill_gradient(tr, models, iters, targets=None):
+    return distill_digits(tr, models, iters, objective="gradient", targets=targets, unroll=1)
 
 
 def test_gradient_matching_points_the_next_models_gradient_like_grad_f(fedavg_trajectory):
