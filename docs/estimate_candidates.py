@@ -21,6 +21,8 @@ of those cosines and the distillation's seconds. Objectives:
   is the sum of the updates made at w^s … w^{s+M−1}, so the set's gradients there are summed too;
 * ``masked`` (``--span M``): 1 − cos(ĝ(w^s) ⊙ 1[d_s ≠ 0], d_s): under top-k the displacement has
   entries only where some upload did, so ĝ is compared there only;
+* ``perturbed`` (``--span M``): ``gradient`` with ĝ taken at w^s + ε_s, the point whose gradient
+  the clients actually descended along (ε_s = FedLESAM's −ρ u^{s−1}/‖u^{s−1}‖ on this trajectory);
 * ``oracle``: ``gradient`` with ∇F(w^s) as the target (the ceiling; a diagnostic).
 
 ``targets`` measures the server's information itself: the median over rounds of
@@ -51,6 +53,7 @@ from fedsynsam.trainer import Trainer
 
 HERE = Path(__file__).resolve().parent
 OUT = Path("runs/candidates")
+RHO = load_toml(HERE / "experiment-mnist.toml")["rho"]
 
 
 def _config(compressor: str, seed: int) -> Config:
@@ -98,6 +101,14 @@ def _loss(objective, model, spec, W, G, starts, span, images, labels):
             g = g * (d != 0)
             total = total + 1 - (g @ d) / (g.norm() * d.norm()).clamp_min(1e-30)
         return total / len(starts)
+    if objective == "perturbed":  # the displacement is made of gradients at w^s + eps_s: match there
+        points = []
+        for s in starts:
+            eps = W[s - 1] - W[s] if s > 0 else torch.zeros_like(W[s])  # FedLESAM's -u^{s-1}
+            norm = eps.norm()
+            points.append(W[s] + (RHO / norm) * eps if norm > 0 else W[s])
+        targets = [W[s] - W[s + span] for s in starts]
+        return gradient_matching_loss(model, spec, points, targets, images, labels)
     targets = [G[s] if objective == "oracle" else W[s] - W[s + span] for s in starts]
     return gradient_matching_loss(model, spec, [W[s] for s in starts], targets, images, labels)
 
@@ -157,7 +168,7 @@ def main(argv=None) -> int:
     p.add_argument("command", choices=["record", "try", "targets"])
     p.add_argument("--compressor", default="topk", choices=["topk", "none", "sign"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--objective", default="gradient", choices=["gradient", "pathsum", "masked", "oracle"])
+    p.add_argument("--objective", default="gradient", choices=["gradient", "pathsum", "masked", "perturbed", "oracle"])
     p.add_argument("--span", type=int, default=2)
     p.add_argument("--points", type=int, default=5, help="starts per Adam iteration")
     p.add_argument("--window", type=int, default=20)

@@ -21,7 +21,8 @@ _FLAG_HELP = {
     "algorithm": "fedavg | fedsam | mofedsam | fedlesam | fedsynsam | dppf",
     "compressor": "none | topk | randk | sign | qsgd | 3sfc | fedsynth (client uploads)",
     "ratio": "fraction of entries kept by topk / randk, in (0, 1]",
-    "syn_objective": "FedSynSAM: gradient (match the trajectory's displacements) | trajectory (the first method)",
+    "syn_objective": "FedSynSAM: gradient (match the trajectory's displacements) | sam-gradient (matched at "
+    "w + eps) | trajectory (the first method)",
     "syn_points": "FedSynSAM gradient matching: trajectory points per Adam iteration",
     "syn_iters": "FedSynSAM: Adam iterations of the first set (unset: 100 gradient, 60 trajectory)",
     "syn_refresh_iters": "FedSynSAM: Adam iterations of a refresh (unset: 20 gradient, 8 trajectory)",

@@ -38,7 +38,7 @@ COMPRESSORS = ("none", "topk", "randk", "sign", "qsgd", "3sfc", "fedsynth")
 PARTITIONS = ("dirichlet", "shards")
 PERTURBATION_MODES = ("client", "server")
 # (first, refresh) Adam iterations of each synthetic-set objective when the config leaves them unset
-SYN_ITERS = {"gradient": (100, 20), "trajectory": (60, 8)}
+SYN_ITERS = {"gradient": (100, 20), "sam-gradient": (100, 20), "trajectory": (60, 8)}
 F32_MAX = 3.4028234663852886e38  # settings enter float32 arithmetic: larger ones overflow
 
 
@@ -79,7 +79,7 @@ class Config:
     syn_window: int = 20  # global models kept
     syn_span: int = 2  # M
     syn_unroll: int = 10  # N
-    syn_objective: str = "gradient"  # "gradient" (matching) or "trajectory" (the first method)
+    syn_objective: str = "gradient"  # "gradient" (matching), "sam-gradient" (at w + eps) or "trajectory"
     syn_points: int = 5  # gradient matching: trajectory points per Adam iteration
     # Adam iterations of the first distillation (from noise) and of each refresh (warm-started
     # from the previous set); None: the objective's default (SYN_ITERS)
@@ -185,9 +185,10 @@ class Config:
                 f"syn_min_models must be in [syn_span+1={self.syn_span + 1}, syn_window={self.syn_window}]; "
                 f"got {self.syn_min_models}"
             )
-        if "oracle" in parse_diagnose(self.diagnose) and self.syn_objective != "gradient":
+        if "oracle" in parse_diagnose(self.diagnose) and self.syn_objective == "trajectory":
             raise ValueError(
-                f"diagnose 'oracle' matches gradients: it needs syn_objective = 'gradient'; got {self.syn_objective!r}"
+                "diagnose 'oracle' matches gradients: it needs syn_objective 'gradient' or 'sam-gradient'; "
+                f"got {self.syn_objective!r}"
             )
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")

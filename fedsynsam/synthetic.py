@@ -17,6 +17,11 @@ estimates the direction of the federation's gradient ``grad F(w)``. Two objectiv
   so that ``D_syn``'s gradient field points like the federation's along the recent
   trajectory, and, being a field (not one vector), carries on to ``w^t``, where no
   displacement is known yet. One double backprop per point and iteration.
+* ``"sam-gradient"``: gradient matching where the clients' gradients were taken. A round's
+  clients descend along ``grad l(w + eps)``, not ``grad l(w)``, so the displacement from
+  ``w^s`` is made of gradients at ``w^s + eps_s``; the server knows each round's ``eps_s``
+  (``-rho u^{s-1}/||u^{s-1}||`` before the first set, ``rho g_syn(w^s)/||g_syn||`` after) and
+  matches ``g_syn(w^s + eps_s)`` to ``d_s``. At use, ``g_syn(w^t)`` estimates ``grad F(w^t)``.
 * ``"trajectory"`` (the first method): trajectory matching. Pick a start ``s``, set
   ``theta_0 = w^s``, unroll ``unroll`` differentiable SGD steps on ``D_syn`` with a
   learnable step size and minimise ``||theta_N - w^{s+M}||^2 / ||w^s - w^{s+M}||^2``.
@@ -41,7 +46,7 @@ from .optim import Adam
 
 __all__ = ["OBJECTIVES", "SyntheticSet", "distill", "matching_loss", "gradient_matching_loss", "displacements"]
 
-OBJECTIVES = ("gradient", "trajectory")
+OBJECTIVES = ("gradient", "sam-gradient", "trajectory")
 
 
 @dataclass
@@ -145,6 +150,7 @@ def distill(
     objective: str = "gradient",
     points: int = 5,
     targets: list[Tensor] | None = None,
+    perturbations: list[Tensor] | None = None,
 ) -> tuple[SyntheticSet, list[float]]:
     """Distil a synthetic set from ``trajectory`` (flat ``[numel]`` float32 global models, oldest first).
 
@@ -157,6 +163,9 @@ def distill(
         points: ``"gradient"``: starts sampled (without replacement) per iteration.
         targets: ``"gradient"``: the direction at each of ``trajectory[:-span]`` (default:
             :func:`displacements`); the oracle diagnostic passes ``grad F`` there.
+        perturbations: ``"sam-gradient"``: the ``eps`` each round from ``trajectory[s]``
+            perturbed along (flat, norm ``rho``): its clients descended along gradients at
+            ``w^s + eps_s``, so ``g_syn`` is matched there (at least ``len(trajectory) - span``).
 
     Returns:
         ``(set, losses)`` with the matching loss of every iteration.
@@ -165,7 +174,13 @@ def distill(
         raise ValueError(f"unknown syn_objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if len(trajectory) <= span:
         raise ValueError(f"trajectory holds {len(trajectory)} models; need more than span={span}")
-    if objective == "gradient":
+    at = trajectory  # where g_syn is matched
+    if objective == "sam-gradient":
+        if perturbations is None or len(perturbations) < len(trajectory) - span:
+            got = "none" if perturbations is None else len(perturbations)
+            raise ValueError(f"sam-gradient needs the eps of each of {len(trajectory) - span} starts; got {got}")
+        at = [w + e for w, e in zip(trajectory, perturbations)]
+    if objective in ("gradient", "sam-gradient"):
         targets = displacements(trajectory, span) if targets is None else targets
         if len(targets) != len(trajectory) - span:
             raise ValueError(f"targets must have {len(trajectory) - span} tensors (one per start); got {len(targets)}")
@@ -184,10 +199,10 @@ def distill(
     starts = len(trajectory) - span
     losses = []
     for _ in range(iters):
-        if objective == "gradient":
+        if objective != "trajectory":
             chosen = torch.randperm(starts, generator=generator)[:points].tolist()
             loss = gradient_matching_loss(
-                model, spec, [trajectory[s] for s in chosen], [targets[s] for s in chosen], images, label_logits
+                model, spec, [at[s] for s in chosen], [targets[s] for s in chosen], images, label_logits
             )
         else:
             s = int(torch.randint(0, starts, (1,), generator=generator))

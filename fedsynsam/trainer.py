@@ -22,6 +22,7 @@ the round's ``eps`` (dense) in server mode.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -110,6 +111,8 @@ class RunState:
     w: torch.Tensor  # flat global model
     u_prev: torch.Tensor | None = None  # previous global update
     trajectory: list = field(default_factory=list)  # flat global models, oldest first
+    # FedSynSAM "sam-gradient": the eps the round from trajectory[i] perturbed along (radius rho)
+    perturbations: list = field(default_factory=list)
     synthetic: SyntheticSet | None = None
     last_refresh: int = -1
     client_syn_version: dict = field(default_factory=dict)  # client -> version of D_syn it holds
@@ -158,6 +161,7 @@ class Trainer:
         self.timings["diagnose"] = 0.0
         self._estimate: dict[int, dict] = {}  # round -> cosines, from plan_round to apply_round
         self._diagnose_seconds = 0.0  # spent on the diagnostic in the round under way
+        self._round_eps = None  # sam-gradient: the eps of the round under way (plan_round -> apply_round)
 
     # -- model helpers -------------------------------------------------------
     @property
@@ -202,6 +206,8 @@ class Trainer:
             plan.direction = self.synthetic_direction(st.synthetic, st.w)
         seeded = counter(self.uplink)
         plan.first_call = seeded.calls if seeded is not None else 0
+        if cfg.algorithm == "fedsynsam" and cfg.syn_objective == "sam-gradient":  # at w^t, before it moves
+            self._round_eps = self._round_epsilon(plan)
         if self.probe is not None and self._evaluated(t):
             tic = time.perf_counter()
             self._estimate[t] = self.probe.measure(plan)
@@ -334,6 +340,9 @@ class Trainer:
         if payloads:
             st.trajectory.append(st.w.clone())
             del st.trajectory[: -cfg.syn_window]
+            if self._round_eps is not None:
+                st.perturbations.append(self._round_eps)
+                del st.perturbations[: -(cfg.syn_window - 1)]
         st.round = t + 1
         if cfg.algorithm == "fedsynsam":
             self._maybe_refresh()
@@ -379,6 +388,21 @@ class Trainer:
             self.probe.oracle, _ = self._distill(self.probe.oracle, self.probe.oracle_targets(starts))
             self._diagnose_seconds += time.perf_counter() - tic
 
+    def _round_epsilon(self, plan: RoundPlan) -> torch.Tensor:
+        """The eps (flat, norm rho; zeros where there was none) that ``plan``'s clients started from:
+        ``-rho u/||u||`` before the first set, ``rho g_syn(w^t)/||g_syn||`` after it."""
+        direction = plan.direction
+        if plan.source == "previous-update" and plan.u_prev is not None:
+            direction = -plan.u_prev
+        elif plan.source == "synthetic":
+            direction = self.synthetic_direction(plan.synthetic, plan.w)
+        if direction is None:
+            return torch.zeros_like(plan.w)
+        norm = float(direction.norm())
+        if norm == 0.0 or not math.isfinite(norm):
+            return torch.zeros_like(plan.w)
+        return direction * (self.cfg.rho / norm)
+
     def _distill(self, init: SyntheticSet | None, targets=None) -> tuple[SyntheticSet, list[float]]:
         """A new synthetic set from the trajectory, warm-started from ``init`` (this round's generator)."""
         cfg, st = self.cfg, self.state
@@ -399,9 +423,10 @@ class Trainer:
             generator=_generator(cfg.seed, st.round, 2),
             version=(init.version + 1) if init is not None else 1,
             init=init,
-            objective=cfg.syn_objective,
+            objective="gradient" if targets is not None else cfg.syn_objective,
             points=cfg.syn_points,
             targets=targets,
+            perturbations=st.perturbations if targets is None and cfg.syn_objective == "sam-gradient" else None,
         )
 
     # -- checkpoints -----------------------------------------------------------
@@ -412,6 +437,7 @@ class Trainer:
             "w": st.w,
             "u_prev": st.u_prev,
             "trajectory": st.trajectory,
+            "perturbations": st.perturbations,
             "synthetic": None if st.synthetic is None else st.synthetic.state_dict(),
             "last_refresh": st.last_refresh,
             "client_syn_version": st.client_syn_version,
@@ -435,6 +461,7 @@ class Trainer:
         st = self.state
         st.round, st.w, st.u_prev = ckpt["round"], ckpt["w"].clone(), ckpt["u_prev"]
         st.trajectory = [t.clone() for t in ckpt["trajectory"]]
+        st.perturbations = [t.clone() for t in ckpt.get("perturbations", [])]
         st.synthetic = None if ckpt["synthetic"] is None else SyntheticSet.from_state_dict(ckpt["synthetic"])
         st.last_refresh = ckpt["last_refresh"]
         st.client_syn_version = dict(ckpt["client_syn_version"])

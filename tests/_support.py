@@ -64,7 +64,9 @@ def strip_seconds(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
-def distill_digits(tr, models, iters, *, seed=0, init=None, objective="trajectory", targets=None, unroll=10):
+def distill_digits(
+    tr, models, iters, *, seed=0, init=None, objective="trajectory", targets=None, unroll=10, perturbations=None
+):
     """:func:`fedsynsam.synthetic.distill` on a digits trainer ``tr``: 10 images per class, span 2,
     5 points per gradient-matching iteration, the optimiser settings of the defaults."""
     from fedsynsam.synthetic import distill
@@ -89,4 +91,5 @@ def distill_digits(tr, models, iters, *, seed=0, init=None, objective="trajector
         objective=objective,
         points=5,
         targets=targets,
+        perturbations=perturbations,
     )

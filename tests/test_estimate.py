@@ -244,7 +244,7 @@ def test_the_gradient_objective_checks_its_targets(fedavg_trajectory):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"syn_objective": "matching"}, "unknown syn_objective 'matching'; choose one of gradient, trajectory"),
+        ({"syn_objective": "matching"}, "unknown syn_objective 'matching'; choose one of gradient, sam-gradient, traj"),
         ({"syn_points": 0}, "syn_points must be an integer >= 1; got 0"),
         ({"syn_points": -3}, "syn_points must be an integer >= 1; got -3"),
         ({"syn_iters": -1}, "syn_iters must be an integer >= 1; got -1"),
@@ -254,7 +254,7 @@ def test_the_gradient_objective_checks_its_targets(fedavg_trajectory):
         ({"diagnose": 3}, "diagnose must be a comma-separated string"),
         (
             {"diagnose": "estimate,oracle", "syn_objective": "trajectory"},
-            "diagnose 'oracle' matches gradients: it needs syn_objective = 'gradient'",
+            "diagnose 'oracle' matches gradients: it needs syn_objective 'gradient' or 'sam-gradient'",
         ),
     ],
 )
@@ -293,3 +293,32 @@ def test_cli_diagnose_flag_and_compare_column(tmp_path, capsys):
     assert (tmp_path / "estimate_cosine.png").is_file()
     header = (tmp_path / "results.csv").read_text().splitlines()[0]
     assert header.endswith("eps_cosine_mean,eps_cosine_std")
+
+
+def test_sam_gradient_matches_at_the_perturbed_points(fedavg_trajectory):
+    """With every eps zero it is the gradient objective to the bit; without the eps it is refused."""
+    tr = fedavg_trajectory
+    models = tr.state.trajectory[:11]
+    plain, _ = _distill_gradient(tr, models, 3)
+    zeros = [torch.zeros_like(w) for w in models[:-1]]
+    same, _ = distill_digits(tr, models, 3, objective="sam-gradient", unroll=1, perturbations=zeros)
+    assert torch.equal(plain.images, same.images) and torch.equal(plain.label_logits, same.label_logits)
+    shifted = [torch.full_like(w, 1e-3) for w in models[:-1]]
+    moved, _ = distill_digits(tr, models, 3, objective="sam-gradient", unroll=1, perturbations=shifted)
+    assert not torch.equal(plain.images, moved.images)
+    with pytest.raises(ValueError, match="sam-gradient needs the eps of each of 9 starts; got none"):
+        distill_digits(tr, models, 1, objective="sam-gradient", unroll=1)
+
+
+def test_sam_gradient_keeps_each_rounds_eps_and_resumes_bit_for_bit(tmp_path):
+    cfg = tiny_config(algorithm="fedsynsam", compressor="topk", rounds=6, syn_objective="sam-gradient")
+    whole = Trainer(cfg, tmp_path / "a", dataset=DIGITS)
+    records = whole.run(progress=False)
+    st = whole.state
+    assert len(st.perturbations) == len(st.trajectory) - 1 == cfg.syn_window - 1
+    for eps in st.perturbations:  # each of norm rho, or zero (FedLESAM's first round has no eps)
+        norm = float(eps.norm())
+        assert norm == 0.0 or norm == pytest.approx(cfg.rho, rel=1e-5)
+    Trainer(cfg, tmp_path / "b", dataset=DIGITS).run(progress=False, stop_after=3)
+    rest = Trainer(cfg, tmp_path / "b", dataset=DIGITS).run(progress=False, resume=True)
+    assert strip_seconds(rest) == strip_seconds(records)
