@@ -586,6 +586,23 @@ def _estimate_part(results: Results, dest: Path) -> str | None:
     if rows:
         head = ["objective", "compressor", "runs", "distillation share of the run's time", "downlink MB per run"]
         parts.append("### FedSynSAM's server cost (diagnostic time excluded)\n\n" + _table(head, rows))
+    candidates = HERE / "experiment-mnist" / "candidates.jsonl"  # estimate_candidates.py try, one per line
+    if candidates.is_file():
+        rows = []
+        for line in candidates.read_text().splitlines():
+            r = json.loads(line)
+            floats = r["per_class"] * 10 * (28 * 28 + 10) + 1  # D_syn: images, label logits, log step
+            rows.append(
+                [r["objective"], r["compressor"], str(r["span"]), str(r["period"]), f"{r['first']}/{r['refresh']}",
+                 str(r["per_class"]), f"{r['median']:+.3f} [{r['q1']:+.2f}, {r['q3']:+.2f}]",
+                 f"{r['distill_seconds']:.0f}", f"{52 + 4 * floats:,}"]
+            )  # fmt: skip
+        head = ["objective", "compressor", "span M", "period", "iterations (first/refresh)", "per class",
+                "median cos(ĝ, ∇F) [quartiles]", "distillation s (schedule)", "downlink B per refresh"]  # fmt: skip
+        parts.append(
+            "### Candidates, replayed offline on FedLESAM's seed-0 trajectory "
+            "([`estimate_candidates.py`](../estimate_candidates.py))\n\n" + _table(head, sorted(rows))
+        )
     for c in ("topk", "none"):
         plot_estimate_rounds(results.out, 0, c, dest / f"estimate_cosine_{c}.png")
     text = "\n\n".join(parts) + "\n"
