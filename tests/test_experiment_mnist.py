@@ -28,7 +28,9 @@ def test_every_run_of_every_grid_is_a_valid_config():
         for a, c, s in g.units:
             Config.from_dict({**exp.BASE, **g.overrides, "algorithm": a, "compressor": c, "seed": s}).validate()
             units += 1
-    assert units == 2 * 5 * 3 * 5 + 4 * 4 * 3 + 5 * 3  # main grids, ρ sweep, ablations
+    # main grids, ρ sweep, ablations, the estimate grids (3 algorithms x 3 compressors, and the
+    # first objective with top-k and none, on 5 seeds)
+    assert units == 2 * 5 * 3 * 5 + 4 * 4 * 3 + 5 * 3 + 3 * 3 * 5 + 2 * 5
     assert exp.BASE["dataset"] == "mnist5k" and exp.BASE["model"] == "cnn"
 
 
@@ -40,7 +42,8 @@ def _write(out: Path, grid: str, a: str, c: str, s: int, **values) -> None:
 
 def _config(grid: str, a: str, c: str, s: int) -> dict:
     g = exp._grid(grid)
-    return Config.from_dict({**exp.BASE, **g.overrides, "algorithm": a, "compressor": c, "seed": s}).to_dict()
+    cfg = Config.from_dict({**exp.BASE, **g.overrides, "algorithm": a, "compressor": c, "seed": s})
+    return cfg.validate().to_dict()  # as a run saves it
 
 
 def test_paired_interval_and_agreement(tmp_path):
@@ -77,12 +80,18 @@ def test_claims_and_sweep_plots_are_written(tmp_path):
 
 def test_selected_parts():
     main, sub, every = exp.selected("main"), exp.selected("sub"), exp.selected("all")
-    assert len(main) == 150 and len(every) == 213 and len(set(every)) == 213
+    estimate = exp.selected("estimate")
+    assert len(main) == 150 and len(every) == 268 and len(set(every)) == 268 and len(estimate) == 55
+    assert set(estimate) == {t for t in every if t[0] in exp.ESTIMATE_GRIDS}
+    # seed by seed through top-k and none (FedSynSAM first), sign after every seed of those
+    assert estimate[0] == ("estimate", "fedsynsam", "topk", 0)
+    assert [t[3] for t in estimate[:8]] == [0] * 8 and {t[2] for t in estimate[:8]} == {"topk", "none"}
+    assert {t[2] for t in estimate[40:]} == {"sign"} and "sign" not in {t[2] for t in estimate[:40]}
     # the sub-grids plus the main-grid runs they are paired with (every algorithm, top-k, α = 0.1)
     base = {("alpha0.1", a, "topk", s) for a in exp.ALGORITHMS for s in exp.SUB_SEEDS}
-    assert set(sub) == (set(every) - set(main)) | base and len(sub) == 63 + 15
+    assert set(sub) == (set(every) - set(main) - set(estimate)) | base and len(sub) == 63 + 15
     assert [t[3] for t in main[:30]] == [0] * 30  # seed by seed, so an early stop leaves pairs
-    with pytest.raises(ValueError, match="part must be one of all, main, sub; got 'rho'"):
+    with pytest.raises(ValueError, match="part must be one of all, main, sub, estimate; got 'rho'"):
         exp.selected("rho")
 
 
@@ -126,3 +135,28 @@ def test_report_writes_what_the_runs_support_and_keeps_the_rest(tmp_path):
     sweep = (dest / "sweep.md").read_text()
     assert "| fedsam | 0.1 | 3 | 92.00 | 4.00 | +2.00 [-0.48, +4.48] n=3 |" in sweep
     assert (dest / "rho_sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_estimate_report_on_hand_made_summaries(tmp_path):
+    """The estimate table's means over seeds, the per-seed comparison and claim 2's column."""
+    out, records, dest = tmp_path / "runs", tmp_path / "runs.jsonl", tmp_path / "report"
+    medians = {  # (grid, algorithm, compressor, key): per seed 0, 1
+        ("estimate", "fedsynsam", "topk", "synthetic"): (0.5, 0.4),
+        ("estimate", "fedsynsam", "topk", "oracle"): (0.9, 0.9),
+        ("estimate", "fedlesam", "topk", "eps"): (-0.1, 0.0),
+        ("estimate", "fedlesam", "none", "eps"): (-0.3, -0.3),
+        ("estimate", "fedsam", "topk", "eps"): (0.3, 0.45),
+    }
+    runs = {}
+    for (grid, a, c, key), values in medians.items():
+        for s, v in enumerate(values):
+            runs.setdefault((grid, a, c, s), {})[key] = {"median": v, "q1": v, "q3": v, "rounds": 50}
+    for (grid, a, c, s), est in runs.items():
+        _write(out, grid, a, c, s, config=_config(grid, a, c, s), estimate=est, mean_test_acc_last5=0.9,
+               lambda_max=5.0, hessian_trace=1.0, valley_width=0.5)  # fmt: skip
+    exp.report(exp.Results(out, records), dest)
+    text = (dest / "estimate.md").read_text()
+    assert "| FedSynSAM, gradient matching (default): ĝ | +0.45 [-0.19, +1.09] n=2 | not run | not run |" in text
+    assert "| oracle: gradient matching to ∇F (diagnostic, not used) | +0.90 [+0.90, +0.90] n=2 |" in text
+    # seed 0: 0.5 beats max(-0.1, 0.3); seed 1: 0.4 does not beat 0.45
+    assert "| topk | 1/2 | +0.08 [-1.51, +1.66] n=2 | +0.25 [-0.39, +0.89] n=2 |" in text
