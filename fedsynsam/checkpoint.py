@@ -33,7 +33,18 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CheckpointError", "CHECKPOINT", "PREVIOUS", "save", "load", "load_latest", "digest", "check_plain"]
+__all__ = [
+    "CheckpointError",
+    "CHECKPOINT",
+    "PREVIOUS",
+    "save",
+    "load",
+    "load_latest",
+    "digest",
+    "check_plain",
+    "check_same_config",
+    "to_device",
+]
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
@@ -197,3 +208,22 @@ def load_latest(folder: str | Path, *, map_location="cpu", log=print) -> tuple[d
         why = "is missing" if isinstance(e, FileNotFoundError) else f"is unreadable ({str(e).split(': ', 1)[-1]})"
         log(f"{newest.name} {why}; resuming from {previous.name} (round {state.get('round', '?')})")
         return state, previous
+
+
+def check_same_config(saved: dict, now: dict, may_differ=()) -> None:
+    """Raise ValueError listing the settings (other than ``may_differ``) in which a checkpoint's
+    config differs from the run's."""
+    diff = {k: (v, now.get(k)) for k, v in saved.items() if now.get(k) != v and k not in may_differ}
+    if diff:
+        raise ValueError(f"checkpoint was written with another config; differing settings (saved, now): {diff}")
+
+
+def to_device(obj, device):
+    """``obj`` (nested dicts, lists, tuples) with every tensor moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj

@@ -1,4 +1,5 @@
-"""``fedsynsam`` command line: ``train`` one run, ``compare`` a grid of runs, ``sharpness``, ``flower``.
+"""``fedsynsam`` command line: ``train`` one run, ``compare`` a grid of runs, ``sharpness``, ``flower``,
+``dp`` (data-parallel training on torch.distributed).
 
 Settings come from, in increasing priority: the defaults of :class:`~fedsynsam.config.Config`,
 ``--config FILE.toml``, and explicit flags.
@@ -59,8 +60,9 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false; got {text!r}")
 
 
-def _add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
-    for f in dataclasses.fields(Config):
+def _add_config_flags(p: argparse.ArgumentParser, skip=(), cls=Config, help_text=None) -> None:
+    help_text = _FLAG_HELP if help_text is None else help_text
+    for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         kinds = {"int": int, "int | None": int, "float": float, "bool": _bool, "bool | None": _bool}
@@ -71,13 +73,13 @@ def _add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
             type=kind,
             default=None,
             metavar=f.name.upper(),
-            help=f"{_FLAG_HELP.get(f.name, f.name.replace('_', ' '))} (default: {f.default})",
+            help=f"{help_text.get(f.name, f.name.replace('_', ' '))} (default: {f.default})",
         )
 
 
-def _resolve(args: argparse.Namespace, skip=()) -> dict:
+def _resolve(args: argparse.Namespace, skip=(), cls=Config) -> dict:
     values = load_toml(args.config) if args.config else {}
-    for f in dataclasses.fields(Config):
+    for f in dataclasses.fields(cls):
         if f.name not in skip and getattr(args, f.name, None) is not None:
             values[f.name] = getattr(args, f.name)
     return values
@@ -164,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .flower.cli import add_parser as add_flower
 
     add_flower(sub, _add_config_flags, _resolve, _csv_list, _seed_list)
+
+    from .dp.cli import add_parser as add_dp
+
+    add_dp(sub, _add_config_flags, _resolve)
     return parser
 
 

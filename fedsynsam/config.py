@@ -24,6 +24,7 @@ else:  # pragma: no cover
 
 __all__ = [
     "Config",
+    "Settings",
     "COMPRESSORS",
     "PARTITIONS",
     "PERTURBATION_MODES",
@@ -42,8 +43,27 @@ SYN_ITERS = {"gradient": (100, 20), "sam-gradient": (100, 20), "trajectory": (60
 F32_MAX = 3.4028234663852886e38  # settings enter float32 arithmetic: larger ones overflow
 
 
+class Settings:
+    """What every run configuration dataclass shares: dict round trip with unknown keys refused."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> Settings:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+        cfg = cls(**values)
+        for name, f in known.items():  # ints given where floats are expected are fine; coerce them
+            if f.type == "float" and isinstance(getattr(cfg, name), int) and not isinstance(getattr(cfg, name), bool):
+                setattr(cfg, name, float(getattr(cfg, name)))
+        return cfg
+
+
 @dataclass
-class Config:
+class Config(Settings):
     """Every setting of a run. ``fedsynsam train --help`` lists them as flags."""
 
     algorithm: str = "fedavg"
@@ -108,39 +128,35 @@ class Config:
 
     def validate(self) -> Config:
         """Raise ValueError naming the setting and its valid range or choices."""
-        choices = {
-            "algorithm": ALGORITHMS,
-            "compressor": COMPRESSORS,
-            "dataset": DATASETS,
-            "model": MODELS,
-            "partition": PARTITIONS,
-            "perturbation": PERTURBATION_MODES,
-            "syn_objective": tuple(SYN_ITERS),
-        }
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(valid)}")
+        check_choices(
+            self,
+            {
+                "algorithm": ALGORITHMS,
+                "compressor": COMPRESSORS,
+                "dataset": DATASETS,
+                "model": MODELS,
+                "partition": PARTITIONS,
+                "perturbation": PERTURBATION_MODES,
+                "syn_objective": tuple(SYN_ITERS),
+            },
+        )
         if self.syn_iters is None:  # resolved here, so a run's saved config says how many
             self.syn_iters = SYN_ITERS[self.syn_objective][0]
         if self.syn_refresh_iters is None:
             self.syn_refresh_iters = SYN_ITERS[self.syn_objective][1]
-        positive_ints = (
+        check_positive_ints(
+            self,
             "rounds clients per_round shards_per_client local_steps batch_size sign_block qsgd_bucket "
             "syn_per_class syn_min_models syn_period syn_window syn_span syn_unroll syn_iters syn_refresh_iters "
-            "syn_points eval_every "
-            "checkpoint_every sfc_samples sfc_iters fedsynth_batches fedsynth_batch_size fedsynth_iters"
-        ).split()
-        for name in positive_ints:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be an integer in [0, 2**32); got {self.seed!r}")
-        if not 1 <= self.qsgd_levels <= 32768:
-            raise ValueError(f"qsgd_levels must be in [1, 32768]; got {self.qsgd_levels}")
+            "syn_points eval_every checkpoint_every sfc_samples sfc_iters fedsynth_batches fedsynth_batch_size "
+            "fedsynth_iters",
+        )
+        check_seed(self.seed)
+        check_qsgd_levels(self.qsgd_levels)
         if self.per_round > self.clients:
             raise ValueError(f"per_round must be in [1, clients={self.clients}]; got {self.per_round}")
-        for name, lo, hi, closed_lo in (
+        check_ranges(
+            self,
             ("ratio", 0.0, 1.0, False),
             ("alpha", 0.0, F32_MAX, False),
             ("lr", 0.0, F32_MAX, False),
@@ -155,27 +171,11 @@ class Config:
             ("fedsynth_lr", 0.0, F32_MAX, False),
             ("dppf_alpha", 0.0, 1.0, False),
             ("dppf_lambda", 0.0, F32_MAX, True),
-        ):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"{name} must be a number; got {v!r}")
-            ok = (v >= lo if closed_lo else v > lo) and v <= hi and v == v
-            if not ok:
-                bracket = "[" if closed_lo else "("
-                top = "3.4e38 (the largest float32)" if hi == F32_MAX else hi
-                raise ValueError(f"{name} must be in {bracket}{lo}, {top}]; got {v!r}")
+        )
         if self.error_feedback is None:  # resolved here, so a run's saved config says which
             self.error_feedback = self.compressor != "qsgd"
-        for name in ("error_feedback", "sfc_double_way"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false; got {getattr(self, name)!r}")
-        if self.compressor == "qsgd" and self.error_feedback and self._qsgd_variance_bound() >= 1:
-            raise ValueError(
-                f"error_feedback with qsgd needs qsgd_levels > sqrt(qsgd_bucket) = {self.qsgd_bucket**0.5:.3g}: "
-                f"QSGD's variance bound at qsgd_levels={self.qsgd_levels}, qsgd_bucket={self.qsgd_bucket} is "
-                f"{self._qsgd_variance_bound():.3g} >= 1, and the residual then grows until the model is NaN; "
-                "set error_feedback = false (QSGD is unbiased) or raise qsgd_levels"
-            )
+        check_bools(self, "error_feedback sfc_double_way")
+        check_qsgd_error_feedback(self)
         if self.sfc_double_way and self.compressor != "3sfc":
             raise ValueError(f"sfc_double_way needs compressor '3sfc'; got compressor {self.compressor!r}")
         if self.syn_window <= self.syn_span:
@@ -190,31 +190,83 @@ class Config:
                 "diagnose 'oracle' matches gradients: it needs syn_objective 'gradient' or 'sam-gradient'; "
                 f"got {self.syn_objective!r}"
             )
-        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
-        if self.data_dir is not None and not isinstance(self.data_dir, str):
-            raise ValueError(f"data_dir must be a path (a string); got {self.data_dir!r}")
-        if self.dataset not in EMBEDDED and not self.data_dir:
-            raise ValueError(f"dataset {self.dataset!r} is read from files: set data_dir (--data-dir)")
+        check_device(self.device)
+        check_data(self.dataset, self.data_dir)
         return self
 
-    def _qsgd_variance_bound(self) -> float:
-        return fedcomp.QSGD(self.qsgd_levels, self.qsgd_bucket).variance_bound()
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+# -- checks shared by every run configuration (Config, fedsynsam.dp.DPConfig) ---------------------
 
-    @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> Config:
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(known)}")
-        cfg = cls(**values)
-        for name, f in known.items():  # ints given where floats are expected are fine; coerce them
-            if f.type == "float" and isinstance(getattr(cfg, name), int) and not isinstance(getattr(cfg, name), bool):
-                setattr(cfg, name, float(getattr(cfg, name)))
-        return cfg
+
+def check_choices(cfg, choices: dict) -> None:
+    """Each ``cfg.<name>`` must be one of ``choices[name]``."""
+    for name, valid in choices.items():
+        if getattr(cfg, name) not in valid:
+            raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; choose one of {', '.join(valid)}")
+
+
+def check_positive_ints(cfg, names: str) -> None:
+    """Each of the space-separated ``names`` must be an integer >= 1 (not a bool)."""
+    for name in names.split():
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32); got {seed!r}")
+
+
+def check_qsgd_levels(levels) -> None:
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= 32768:
+        raise ValueError(f"qsgd_levels must be an integer in [1, 32768]; got {levels!r}")
+
+
+def check_ranges(cfg, *specs: tuple) -> None:
+    """``specs``: ``(name, lo, hi, closed_lo)``: ``cfg.<name>`` must be a number in ``(lo, hi]``
+    (``[lo, hi]`` when ``closed_lo``)."""
+    for name, lo, hi, closed_lo in specs:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{name} must be a number; got {v!r}")
+        ok = (v >= lo if closed_lo else v > lo) and v <= hi and v == v
+        if not ok:
+            bracket = "[" if closed_lo else "("
+            top = "3.4e38 (the largest float32)" if hi == F32_MAX else hi
+            raise ValueError(f"{name} must be in {bracket}{lo}, {top}]; got {v!r}")
+
+
+def check_bools(cfg, names: str) -> None:
+    for name in names.split():
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be true or false; got {getattr(cfg, name)!r}")
+
+
+def check_qsgd_error_feedback(cfg) -> None:
+    """QSGD with error feedback diverges unless ``qsgd_levels > sqrt(qsgd_bucket)``."""
+    if cfg.compressor != "qsgd" or not cfg.error_feedback:
+        return
+    bound = fedcomp.QSGD(cfg.qsgd_levels, cfg.qsgd_bucket).variance_bound()
+    if bound >= 1:
+        raise ValueError(
+            f"error_feedback with qsgd needs qsgd_levels > sqrt(qsgd_bucket) = {cfg.qsgd_bucket**0.5:.3g}: "
+            f"QSGD's variance bound at qsgd_levels={cfg.qsgd_levels}, qsgd_bucket={cfg.qsgd_bucket} is "
+            f"{bound:.3g} >= 1, and the residual then grows until the model is NaN; "
+            "set error_feedback = false (QSGD is unbiased) or raise qsgd_levels"
+        )
+
+
+def check_device(device) -> None:
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}")
+
+
+def check_data(dataset: str, data_dir) -> None:
+    if data_dir is not None and not isinstance(data_dir, str):
+        raise ValueError(f"data_dir must be a path (a string); got {data_dir!r}")
+    if dataset not in EMBEDDED and not data_dir:
+        raise ValueError(f"dataset {dataset!r} is read from files: set data_dir (--data-dir)")
 
 
 # Settings that choose where a run executes, not what it computes: a finished run matches a

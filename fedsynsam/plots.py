@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_runs", "plot_landscape_1d", "plot_landscape_2d", "plot_bars", "plot_estimate"]
+__all__ = ["plot_runs", "plot_dp", "plot_landscape_1d", "plot_landscape_2d", "plot_bars", "plot_estimate"]
 
 
 def _pyplot():
@@ -83,6 +83,26 @@ def plot_estimate(runs: dict[str, list[dict]], path: str | Path, keys=("eps",)) 
     ax.set_xlabel("round")
     ax.set_ylabel("cosine with ∇F(w^t)" if len(keys) > 1 else "cos(ε direction, ∇F(w^t))")
     return _finish_lines(fig, ax, path)
+
+
+def plot_dp(runs: dict[str, list[dict]], out_dir: str | Path, prefix: str = "") -> Path:
+    """Data-parallel runs (``fedsynsam dp`` records), one line per run on each of three panels:
+    test accuracy, training loss and the workers' spread against the SGD step. Writes
+    ``{prefix}dp_curves.png``; returns its path."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = (("test_acc", "test accuracy of the average"), ("train_loss", "training loss"), ("spread", "spread"))
+    for ax, (key, label) in zip(axes, panels):
+        for name, records in runs.items():
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), label=name)
+        ax.set_xlabel("SGD step (per worker)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[2].set_ylabel("mean ||x_i - x̄|| before a synchronisation")
+    axes[0].legend(fontsize=8)
+    return _save(fig, Path(out_dir) / f"{prefix}dp_curves.png")
 
 
 def plot_landscape_1d(curves: dict, path: str | Path) -> Path:

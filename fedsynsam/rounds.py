@@ -37,6 +37,7 @@ __all__ = [
     "generator",
     "perturbation_for",
     "momentum_for",
+    "base_compressor",
     "client_update",
     "counter",
     "partition_for",
@@ -100,6 +101,18 @@ def initial_model(cfg: Config, data: Dataset, device) -> tuple[torch.nn.Module, 
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
     w0, spec = flatten(model)
     return model, w0, spec
+
+
+def base_compressor(cfg, seed: int) -> fedcomp.Compressor:
+    """The fedcomp compressor named by ``cfg.compressor`` (none, topk, randk, sign, qsgd), built from
+    ``cfg``'s ``ratio``, ``sign_block``, ``qsgd_levels`` and ``qsgd_bucket``; ``seed`` seeds rand-k and QSGD."""
+    return {
+        "none": lambda: fedcomp.Identity(),
+        "topk": lambda: fedcomp.TopK(cfg.ratio),
+        "randk": lambda: fedcomp.RandK(cfg.ratio, seed=seed),
+        "sign": lambda: fedcomp.Sign(block=cfg.sign_block),
+        "qsgd": lambda: fedcomp.QSGD(levels=cfg.qsgd_levels, bucket=cfg.qsgd_bucket, seed=seed),
+    }[cfg.compressor]()
 
 
 def counter(uplink):

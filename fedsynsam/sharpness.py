@@ -42,7 +42,10 @@ __all__ = [
     "landscape_1d",
     "landscape_2d",
     "valley_width",
+    "rise_distance",
+    "inverse_mean_valley",
     "Objective",
+    "sharpness_of",
     "measure_run",
 ]
 
@@ -173,23 +176,68 @@ def valley_width(
     widths = []
     for _ in range(directions):
         d = filter_normalized_direction(obj, gen)
-        for sign in (1.0, -1.0):
-            lo, hi = 0.0, 1.0 / 64
-            while hi < max_distance and obj.loss(obj.w + sign * hi * d) <= base + rise:
-                lo, hi = hi, hi * 2
-            if hi >= max_distance and obj.loss(obj.w + sign * max_distance * d) <= base + rise:
-                widths.append(max_distance)
-                continue
-            hi = min(hi, max_distance)
-            for _ in range(20):
-                mid = (lo + hi) / 2
-                if obj.loss(obj.w + sign * mid * d) <= base + rise:
-                    lo = mid
-                else:
-                    hi = mid
-            widths.append((lo + hi) / 2)
+        widths += [rise_distance(obj, sign * d, base, rise, max_distance) for sign in (1.0, -1.0)]
     t = torch.tensor(widths)
     return float(t.mean()), float(t.std()) if len(widths) > 1 else 0.0
+
+
+def rise_distance(obj: Objective, d: Tensor, base: float, rise: float, max_distance: float) -> float:
+    """The smallest ``s`` in ``(0, max_distance]`` with ``loss(w + s d) > base + rise`` (doubling search
+    from 1/64, then 20 bisections); ``max_distance`` if the loss never rises that far."""
+    lo, hi = 0.0, 1.0 / 64
+    while hi < max_distance and obj.loss(obj.w + hi * d) <= base + rise:
+        lo, hi = hi, hi * 2
+    if hi >= max_distance and obj.loss(obj.w + max_distance * d) <= base + rise:
+        return max_distance
+    hi = min(hi, max_distance)
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        if obj.loss(obj.w + mid * d) <= base + rise:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def inverse_mean_valley(
+    obj: Objective, workers: list[Tensor], *, rise: float = 0.1, max_distance: float = 64.0
+) -> tuple[float | None, float | None]:
+    """``(IMV, mean valley)`` of the averaged model ``obj.w`` and the workers around it.
+
+    Our reading of DPPF's Inverse Mean Valley: along the unit direction from the average to each
+    worker (``(x_i - w) / ||x_i - w||``, plain L2 units), the distance at which the loss first rises
+    by ``rise``; the mean valley is the mean of those distances and the IMV its inverse (large:
+    sharp). ``(None, None)`` when every worker sits on the average (no direction to measure along).
+    """
+    base = obj.loss(obj.w)
+    distances = []
+    for x in workers:
+        diff = x.to(obj.w.device) - obj.w
+        norm = float(diff.norm())
+        if norm > 0.0 and math.isfinite(norm):
+            distances.append(rise_distance(obj, diff / norm, base, rise, max_distance))
+    if not distances:
+        return None, None
+    mean = sum(distances) / len(distances)
+    return 1.0 / mean, mean
+
+
+def sharpness_of(obj: Objective, *, max_iters: int = 100, tol: float = 1e-3, trace_samples: int = 50) -> dict:
+    """λ_max (power iteration), Hessian trace (Hutchinson) and valley width of ``obj`` at ``obj.w``:
+    keys ``lambda_max``, ``lambda_max_iterations``, ``lambda_max_converged``, ``hessian_trace``,
+    ``hessian_trace_stderr``, ``valley_width``, ``valley_width_std``."""
+    eig = top_eigenvalue(obj, max_iters=max_iters, tol=tol)
+    trace, stderr = hutchinson_trace(obj, samples=trace_samples)
+    width, width_std = valley_width(obj)
+    return {
+        "lambda_max": eig.value,
+        "lambda_max_iterations": eig.iterations,
+        "lambda_max_converged": eig.converged,
+        "hessian_trace": trace,
+        "hessian_trace_stderr": stderr,
+        "valley_width": width,
+        "valley_width_std": width_std,
+    }
 
 
 def measure_run(
@@ -234,9 +282,7 @@ def measure_run(
     w = load_plain(run_dir / "final_model.pt", map_location=dev)["w"]
     order = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))[:samples].to(dev)
     obj = Objective(model, data.x_train[order], data.y_train[order], w)
-    eig = top_eigenvalue(obj, max_iters=max_iters, tol=tol)
-    trace, stderr = hutchinson_trace(obj, samples=trace_samples)
-    width, width_std = valley_width(obj)
+    result = sharpness_of(obj, max_iters=max_iters, tol=tol, trace_samples=trace_samples)
     alphas, curve = landscape_1d(obj)
     curves = {"alphas": alphas, "loss_1d": curve}
     label = f"{cfg.algorithm}/{cfg.compressor} seed {cfg.seed}"
@@ -246,16 +292,7 @@ def measure_run(
         plot_landscape_2d(alphas2, grid, run_dir / "landscape_2d.png", title=label)
     torch.save(curves, run_dir / "landscape.pt")
     plot_landscape_1d({label: (alphas, curve)}, run_dir / "landscape_1d.png")
-    result = {
-        "lambda_max": eig.value,
-        "lambda_max_iterations": eig.iterations,
-        "lambda_max_converged": eig.converged,
-        "hessian_trace": trace,
-        "hessian_trace_stderr": stderr,
-        "valley_width": width,
-        "valley_width_std": width_std,
-        "sharpness_samples": len(order),
-    }
+    result["sharpness_samples"] = len(order)
     summary.update(result)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return result

@@ -42,6 +42,7 @@ from .estimate import ESTIMATES, EstimateProbe, parse_diagnose, summarize
 from .rounds import (
     RoundPlan,
     RoundResult,
+    base_compressor,
     client_update,
     compress_one,
     counter,
@@ -93,13 +94,7 @@ def build_uplink(cfg: Config, model=None, spec=None, data: Dataset | None = None
             init_step=cfg.lr,
             **common,
         )
-    base = {
-        "none": lambda: fedcomp.Identity(),
-        "topk": lambda: fedcomp.TopK(cfg.ratio),
-        "randk": lambda: fedcomp.RandK(cfg.ratio, seed=cfg.seed),
-        "sign": lambda: fedcomp.Sign(block=cfg.sign_block),
-        "qsgd": lambda: fedcomp.QSGD(levels=cfg.qsgd_levels, bucket=cfg.qsgd_bucket, seed=cfg.seed),
-    }[cfg.compressor]()
+    base = base_compressor(cfg, cfg.seed)
     return fedcomp.ErrorFeedback(base) if cfg.error_feedback and cfg.compressor != "none" else base
 
 
@@ -118,17 +113,6 @@ class RunState:
     client_syn_version: dict = field(default_factory=dict)  # client -> version of D_syn it holds
     distill_losses: list = field(default_factory=list)  # (round, first, last) per refresh
     workers: dict = field(default_factory=dict)  # DPPF: client -> its own flat model
-
-
-def _to_device(obj, device: torch.device):
-    """``obj`` (nested dicts, lists, tuples) with every tensor moved to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
 
 
 class Trainer:
@@ -451,13 +435,8 @@ class Trainer:
 
     def load_checkpoint(self, ckpt: dict) -> None:
         """Continue from :meth:`checkpoint`'s dict (its tensors may be on any device: they are moved)."""
-        ckpt = _to_device(ckpt, self.device)
-        now = self.cfg.to_dict()
-        saved = ckpt["config"]
-        if saved != now:
-            diff = {k: (v, now.get(k)) for k, v in saved.items() if now.get(k) != v and k not in NOT_IDENTITY}
-            if diff:
-                raise ValueError(f"checkpoint was written with another config; differing settings (saved, now): {diff}")
+        ckpt = checkpoints.to_device(ckpt, self.device)
+        checkpoints.check_same_config(ckpt["config"], self.cfg.to_dict(), NOT_IDENTITY)
         st = self.state
         st.round, st.w, st.u_prev = ckpt["round"], ckpt["w"].clone(), ckpt["u_prev"]
         st.trajectory = [t.clone() for t in ckpt["trajectory"]]

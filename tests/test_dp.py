@@ -257,7 +257,11 @@ def test_a_worker_that_dies_stops_the_others_with_an_error_and_no_orphan(tmp_pat
         while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
             assert proc.poll() is None and time.monotonic() < deadline, "the run never started"
             time.sleep(0.2)
-        workers = [p for p in _processes_with(str(out)) if b"torch.distributed.run" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+        workers = [
+            p
+            for p in _processes_with(str(out))
+            if b"torch.distributed.run" not in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
         workers = [p for p in workers if p != proc.pid]
         assert len(workers) == 2, workers
         os.kill(max(workers), signal.SIGKILL)  # the later-started worker dies mid-run

@@ -8,7 +8,6 @@ through ``torch.distributed.run --standalone`` (a free port on this machine); un
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os

@@ -76,9 +76,7 @@ class DPConfig(Settings):
                 "partition": DP_PARTITIONS,
             },
         )
-        check_positive_ints(
-            self, "steps sync_every batch_size sign_block qsgd_bucket eval_every checkpoint_every"
-        )
+        check_positive_ints(self, "steps sync_every batch_size sign_block qsgd_bucket eval_every checkpoint_every")
         check_seed(self.seed)
         check_qsgd_levels(self.qsgd_levels)
         if self.steps % self.sync_every:

@@ -184,7 +184,10 @@ class DataParallelTrainer:
             hs = self.hook_state
             state["hook"] = {
                 "compressor": _cpu(hs.compressor.state_dict()),
-                **{k: getattr(hs, k) for k in ("iter", "bytes_sent", "bytes_dense", "compressed_buckets", "allreduced_buckets")},
+                **{
+                    k: getattr(hs, k)
+                    for k in ("iter", "bytes_sent", "bytes_dense", "compressed_buckets", "allreduced_buckets")
+                },
             }
         return state
 
@@ -204,7 +207,13 @@ class DataParallelTrainer:
         dist.gather_object(self.worker_state(), states, dst=0)
         if self.rank == 0:
             checkpoints.save(
-                {"step": self.step, "sync": syncs, "world": self.world, "config": self.cfg.to_dict(), "workers": states},
+                {
+                    "step": self.step,
+                    "sync": syncs,
+                    "world": self.world,
+                    "config": self.cfg.to_dict(),
+                    "workers": states,
+                },
                 self.out / checkpoints.CHECKPOINT,
             )
 
@@ -213,7 +222,9 @@ class DataParallelTrainer:
         box = [None]
         if self.rank == 0:
             try:
-                state, used = checkpoints.load_latest(self.out, log=lambda line: print(f"fedsynsam dp: {line}", file=sys.stderr))
+                state, used = checkpoints.load_latest(
+                    self.out, log=lambda line: print(f"fedsynsam dp: {line}", file=sys.stderr)
+                )
                 checkpoints.check_same_config(state["config"], self.cfg.to_dict(), DP_NOT_IDENTITY)
                 if state["world"] != self.world:
                     raise ValueError(
@@ -256,8 +267,12 @@ class DataParallelTrainer:
             metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
         last = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
         bar = tqdm(
-            total=cfg.steps, initial=self.step, disable=not progress or self.rank != 0, desc=f"{cfg.method}/{cfg.compressor}",
-            unit="step", leave=False,
+            total=cfg.steps,
+            initial=self.step,
+            disable=not progress or self.rank != 0,
+            desc=f"{cfg.method}/{cfg.compressor}",
+            unit="step",
+            leave=False,
         )
         while self.step < last:
             rec = self._interval()
@@ -286,8 +301,14 @@ class DataParallelTrainer:
         x_before = _flat(self.model)
         xbar, sent, spread = self._synchronise()
         if cfg.method == "ddp":  # what DDP sent: the hook counts it, plain DDP all-reduces fp32 gradients
-            sent = self.hook_state.bytes_sent - hook_before if self.hook_state is not None else 4 * self.numel * cfg.sync_every
-        stats = torch.tensor([float(loss) / cfg.sync_every, float(sent), spread], dtype=torch.float64, device=self.comm_device)
+            sent = (
+                self.hook_state.bytes_sent - hook_before
+                if self.hook_state is not None
+                else 4 * self.numel * cfg.sync_every
+            )
+        stats = torch.tensor(
+            [float(loss) / cfg.sync_every, float(sent), spread], dtype=torch.float64, device=self.comm_device
+        )
         dist.all_reduce(stats)
         stats = (stats / self.world).tolist()
         sync = self.step // cfg.sync_every
@@ -315,7 +336,9 @@ class DataParallelTrainer:
         if self.cfg.measure:  # on the same fixed 1,024 training samples as `fedsynsam sharpness`
             order = torch.randperm(len(self.data.y_train), generator=torch.Generator().manual_seed(0))[:1024]
             model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
-            obj = Objective(model, self.data.x_train[order.to(self.device)], self.data.y_train[order.to(self.device)], xbar)
+            obj = Objective(
+                model, self.data.x_train[order.to(self.device)], self.data.y_train[order.to(self.device)], xbar
+            )
             measures = sharpness_of(obj)
             imv, mean_valley = inverse_mean_valley(obj, self.last_workers)
             measures.update(inverse_mean_valley=imv, mean_valley=mean_valley, sharpness_samples=len(order))
@@ -340,4 +363,3 @@ class DataParallelTrainer:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         torch.save({"w": xbar.cpu(), "spec_names": self.spec.names}, self.out / "final_model.pt")
         plot_dp({f"{self.cfg.method}/{self.cfg.compressor}": records}, self.out)
-
