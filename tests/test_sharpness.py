@@ -12,9 +12,11 @@ from fedsynsam.sharpness import (
     Objective,
     hutchinson,
     hutchinson_trace,
+    inverse_mean_valley,
     landscape_1d,
     landscape_2d,
     power_iteration,
+    rise_distance,
     top_eigenvalue,
     valley_width,
 )
@@ -72,6 +74,24 @@ def test_landscapes_and_valley_width():
     width, spread = valley_width(obj, rise=0.05, directions=3)
     assert 0 < width <= 64 and spread >= 0
     assert valley_width(obj, rise=0.5, directions=3)[0] > width  # a larger rise is reached further away
+
+
+def test_inverse_mean_valley_measures_where_the_loss_rises_toward_each_worker():
+    obj = _tiny_objective()
+    base, rise = obj.loss(obj.w), 0.05
+    g = torch.Generator().manual_seed(4)
+    workers = [obj.w + 0.3 * torch.randn(obj.w.numel(), generator=g) for _ in range(3)]
+    imv, mean_valley = inverse_mean_valley(obj, workers, rise=rise)
+    distances = []
+    for x in workers:
+        u = (x - obj.w) / (x - obj.w).norm()
+        r = rise_distance(obj, u, base, rise, 64.0)
+        # the bisection's answer: the loss is at base + rise there, and below it a little closer
+        assert obj.loss(obj.w + r * u) == pytest.approx(base + rise, abs=1e-3)
+        assert obj.loss(obj.w + 0.9 * r * u) < base + rise
+        distances.append(r)
+    assert mean_valley == pytest.approx(sum(distances) / 3) and imv == pytest.approx(3 / sum(distances))
+    assert inverse_mean_valley(obj, [obj.w.clone(), obj.w.clone()]) == (None, None)  # no direction
 
 
 def test_compare_with_sharpness_end_to_end(tmp_path, capsys):

@@ -33,6 +33,8 @@ DP_HELP = {
     "batch_size": "minibatch per worker and step",
     "dppf_alpha": "DPPF pull strength in (0, 1]",
     "dppf_lambda": "DPPF push; the workers settle about lambda/alpha from the average",
+    "measure": "at the end, measure lambda_max, Hessian trace, valley width and IMV of the average (true/false)",
+    "measure_samples": "training samples (a fixed subset) those measures use",
     "eval_every": "synchronisations between test evaluations",
     "checkpoint_every": "synchronisations between checkpoints",
     "timeout": "seconds a collective waits for a peer before the run stops with an error",

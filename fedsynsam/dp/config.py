@@ -26,7 +26,7 @@ METHODS = ("ddp", "localsgd", "dppf")
 DP_COMPRESSORS = ("none", "topk", "sign", "qsgd")
 DP_PARTITIONS = ("iid", "dirichlet")
 # settings a checkpoint may be resumed with other values of (a longer run, another device or timeout)
-DP_NOT_IDENTITY = ("steps", "device", "timeout", "measure")
+DP_NOT_IDENTITY = ("steps", "device", "timeout", "measure", "measure_samples")
 
 
 @dataclass
@@ -57,8 +57,9 @@ class DPConfig(Settings):
     lr: float = 0.05
     weight_decay: float = 0.0
     dppf_alpha: float = 0.1  # pull toward the average, in (0, 1]
-    dppf_lambda: float = 0.5  # push away from it: the workers settle about lambda/alpha from the average
+    dppf_lambda: float = 0.02  # push away from it: the workers settle about lambda/alpha from the average
     measure: bool = True  # at the end: lambda_max, Hessian trace, valley width and IMV of the average
+    measure_samples: int = 1024  # the fixed training subset those measures use
     eval_every: int = 5  # synchronisations between test evaluations (the last one is always evaluated)
     checkpoint_every: int = 25  # synchronisations between checkpoints (and the last)
     timeout: float = 120.0  # seconds a collective waits for a peer before the run stops with an error
@@ -76,7 +77,9 @@ class DPConfig(Settings):
                 "partition": DP_PARTITIONS,
             },
         )
-        check_positive_ints(self, "steps sync_every batch_size sign_block qsgd_bucket eval_every checkpoint_every")
+        check_positive_ints(
+            self, "steps sync_every batch_size sign_block qsgd_bucket eval_every checkpoint_every measure_samples"
+        )
         check_seed(self.seed)
         check_qsgd_levels(self.qsgd_levels)
         if self.steps % self.sync_every:

@@ -22,17 +22,24 @@ from .config import DPConfig
 __all__ = ["Synchronizer", "all_gather_bytes"]
 
 
-def all_gather_bytes(blob: bytes, device: torch.device, group=None) -> list[bytes]:
-    """Every rank's ``blob``, in rank order (sizes may differ between ranks).
+def all_gather_bytes(blob: bytes, device: torch.device, group=None, *, size: int | None = None) -> list[bytes]:
+    """Every rank's ``blob``, in rank order.
 
-    ``device`` is where the collective's tensors live: the CPU for gloo, the rank's GPU for NCCL.
+    ``size``: the length every rank's blob has, when all know it (one collective); ``None``: sizes
+    may differ between ranks and are exchanged first. ``device`` is where the collective's tensors
+    live: the CPU for gloo, the rank's GPU for NCCL.
     """
     world = dist.get_world_size(group)
     raw = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
-    size = torch.tensor([raw.numel()], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    lengths = [int(s) for s in sizes]
+    if size is not None:
+        if raw.numel() != size:
+            raise ValueError(f"blob has {raw.numel()} bytes; every rank was to send {size}")
+        lengths = [size] * world
+    else:
+        count = torch.tensor([raw.numel()], dtype=torch.int64, device=device)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count, group=group)
+        lengths = [int(c) for c in counts]
     padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
     padded[: raw.numel()] = raw
     gathered = [torch.empty_like(padded) for _ in range(world)]
@@ -80,9 +87,10 @@ class Synchronizer:
         else:
             payload = self.compressor.compress(delta)
         blob = payload.to_bytes()
-        payloads = [
-            fedcomp.Payload.from_bytes(b, device=x.device) for b in all_gather_bytes(blob, self.comm_device, self.group)
-        ]
+        # top-k, sign and QSGD payloads of a given numel have one size: every rank knows it
+        size = self.compressor.wire_bytes(delta.numel(), delta.dtype)
+        gathered = all_gather_bytes(blob, self.comm_device, self.group, size=size)
+        payloads = [fedcomp.Payload.from_bytes(b, device=x.device) for b in gathered]
         mean = fedcomp.aggregate(payloads, sign="majority" if self.cfg.sign_majority else "mean")
         self.reference = self.reference + mean
         self.bytes_sent += len(blob)

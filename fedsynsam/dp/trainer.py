@@ -333,8 +333,11 @@ class DataParallelTrainer:
         test_acc, test_loss = self.evaluate(xbar, "test")
         train_acc, train_loss = self.evaluate(xbar, "train")
         measures = {}
-        if self.cfg.measure:  # on the same fixed 1,024 training samples as `fedsynsam sharpness`
-            order = torch.randperm(len(self.data.y_train), generator=torch.Generator().manual_seed(0))[:1024]
+        if self.cfg.measure and self.device.type == "cpu":  # the other workers have finished: use the cores
+            torch.set_num_threads(max(torch.get_num_threads(), os.cpu_count() or 1))
+        if self.cfg.measure:  # on the same fixed training subset as `fedsynsam sharpness --samples`
+            order = torch.randperm(len(self.data.y_train), generator=torch.Generator().manual_seed(0))
+            order = order[: self.cfg.measure_samples]
             model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
             obj = Objective(
                 model, self.data.x_train[order.to(self.device)], self.data.y_train[order.to(self.device)], xbar
