@@ -6,10 +6,11 @@
 mnist5k + CNN, 4 workers (``fedsynsam dp --nproc 4``, gloo on this machine's CPU), IID shards, 800
 SGD steps of batch 32 per worker for every method: ``ddp`` (gradients averaged every step),
 ``localsgd`` and ``dppf`` with tau = 4 and 16 local steps between synchronisations, DPPF with two
-(alpha, lambda) pairs at tau = 4 and the first at tau = 16 (2 cores' worth); each uncompressed and with top-k 1 % + error feedback on the
-synchronisation; seeds 0-2. Plus seed 0 on a Dirichlet(0.1) label skew, to connect with
-docs/comparison.md. Runs go to ``runs/dppf/<config>-<compressor>-s<seed>``; a stopped ``run``
-resumes unfinished runs from their checkpoints. Every finished run's summary is appended to
+(alpha, lambda) pairs at tau = 4 and the first at tau = 16 (what 2 cores finish); each uncompressed
+and with top-k 1 % + error feedback on the synchronisation; seeds 0-2. Plus seed 0 on a
+Dirichlet(0.1) label skew, to connect with docs/comparison.md.
+Runs go to ``runs/dppf/<config>-<compressor>-s<seed>``; a stopped ``run`` resumes unfinished runs
+from their checkpoints. Every finished run's summary is appended to
 :data:`RECORDS` (docs/dppf/runs.jsonl, committed), so the report survives a checkout without ``runs/``.
 
 Comparisons pair runs by seed (the seed fixes the shards, the initial model and every minibatch);
@@ -133,6 +134,10 @@ def run(out: Path, records: Path = RECORDS) -> None:
             tqdm.write(f"FAILED {failed[-1]}", file=sys.stderr)
             continue
         results.record(*key)
+        if not results.get(*key):  # the command succeeded but left no summary: say so, never skip silently
+            failed.append(f"{path}: finished without a summary.json")
+            tqdm.write(f"FAILED {failed[-1]}", file=sys.stderr)
+            continue
         tqdm.write(done.stdout.strip().splitlines()[-1])
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed:\n" + "\n".join(failed))

@@ -207,6 +207,14 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     b = torch.load(tmp_path / "whole" / "final_model.pt")["w"]
     assert torch.equal(a, b)
     assert "dppf/" + compressor + " on 2 workers: step 24" in rest.stdout
+    # a run stopped after its last synchronisation, before its summary was written, finishes on resume
+    summary = (tmp_path / "whole" / "summary.json").read_text()
+    (tmp_path / "whole" / "summary.json").unlink()
+    (tmp_path / "whole" / "final_model.pt").unlink()
+    again = _dp(*flags, "--out", tmp_path / "whole", "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "whole" / "summary.json").read_text() == summary
+    assert torch.equal(torch.load(tmp_path / "whole" / "final_model.pt")["w"], b)
     # at another world size the checkpoint is refused, in one line
     other = _dp(*flags[:-1], 1, "--out", tmp_path / "cut", "--resume", "--steps", 48)
     assert other.returncode != 0

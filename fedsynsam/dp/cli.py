@@ -145,7 +145,8 @@ def add_parser(sub, add_config_flags, resolve) -> None:
     p = sub.add_parser(
         "dp",
         help="data-parallel training on torch.distributed: ddp, local SGD or DPPF (with fedcomp compression)",
-        description=__doc__.split("\n\n")[0],
+        description="Data-parallel training on torch.distributed: ddp, local SGD or DPPF, one process per "
+        "worker. Without torchrun's environment, starts --nproc local workers itself.",
     )
     p.add_argument("--config", help="TOML file of settings (flags override it)")
     p.add_argument("--out", required=True, help="output folder (rank 0 writes it)")

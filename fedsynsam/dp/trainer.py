@@ -126,6 +126,8 @@ class DataParallelTrainer:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.last_workers: list[torch.Tensor] | None = None  # rank 0: the workers before the last sync
+        self._xbar: torch.Tensor | None = None  # the last synchronisation's average
+        self._x_before: torch.Tensor | None = None  # this worker before the last synchronisation moved it
 
     # -- training ----------------------------------------------------------------
     def batch_indices(self, step: int, rank: int | None = None) -> torch.Tensor:
@@ -178,6 +180,8 @@ class DataParallelTrainer:
     def worker_state(self) -> dict:
         """This worker's part of a checkpoint (CPU tensors)."""
         state = {"x": _flat(self.model).cpu()}
+        if self._xbar is not None:  # what the final measures need, so that a run stopped during them finishes
+            state.update(xbar=self._xbar.cpu(), x_before=self._x_before.cpu())
         if self.sync is not None:
             state["sync"] = _cpu(self.sync.state_dict())
         if self.hook_state is not None:
@@ -240,6 +244,11 @@ class DataParallelTrainer:
         state = box[0]["ok"]
         self.step = int(state["step"])
         self.load_worker_state(state["workers"][self.rank])
+        mine = state["workers"][self.rank]
+        if "xbar" in mine:
+            self._xbar, self._x_before = mine["xbar"].to(self.device), mine["x_before"].to(self.device)
+            if self.step >= self.cfg.steps:  # stopped after the last synchronisation, before or during the measures
+                self.last_workers = [w["x_before"].to(self.device) for w in state["workers"]]
         records = []
         metrics = self.out / "metrics.jsonl"
         if self.rank == 0 and metrics.is_file():
@@ -286,7 +295,7 @@ class DataParallelTrainer:
             if rec["sync"] % cfg.checkpoint_every == 0 or self.step == last:
                 self._save_checkpoint(rec["sync"])
         bar.close()
-        if self.step >= cfg.steps and self.last_workers is not None:  # not when resuming a finished run
+        if self.step >= cfg.steps and self.last_workers is not None:
             self._finish(records)
         return records
 
@@ -298,7 +307,7 @@ class DataParallelTrainer:
         loss = torch.zeros((), device=self.device)
         for _ in range(cfg.sync_every):
             loss += self._sgd_step()
-        x_before = _flat(self.model)
+        x_before = self._x_before = _flat(self.model)
         xbar, sent, spread = self._synchronise()
         if cfg.method == "ddp":  # what DDP sent: the hook counts it, plain DDP all-reduces fp32 gradients
             sent = (
