@@ -271,7 +271,7 @@ def report(results: Results, dest: Path) -> str:
                 curves[f"{config}/{compressor}"] = [json.loads(x) for x in metrics.read_text().splitlines()]
     if curves:
         plot_dp(curves, dest, prefix="seed0_")
-        parts.append("![curves of seed 0](dppf/seed0_dp_curves.png)\n")
+        parts.append("![curves of seed 0](seed0_dp_curves.png)\n")
     text = "\n".join(parts)
     (dest / "results.md").write_text(text)
     return text

@@ -92,11 +92,17 @@ def plot_dp(runs: dict[str, list[dict]], out_dir: str | Path, prefix: str = "") 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     panels = (("test_acc", "test accuracy of the average"), ("train_loss", "training loss"), ("spread", "spread"))
+    # labels "method/compressor": a colour per method, a line style per compressor
+    heads = list(dict.fromkeys(name.split("/")[0] for name in runs))
+    tails = list(dict.fromkeys(name.split("/", 1)[-1] for name in runs))
+    styles = ("-", "--", ":", "-.")
     for ax, (key, label) in zip(axes, panels):
         for name, records in runs.items():
             points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
             if points:
-                ax.plot(*zip(*points), label=name)
+                color = f"C{heads.index(name.split('/')[0]) % 10}"
+                style = styles[tails.index(name.split("/", 1)[-1]) % len(styles)]
+                ax.plot(*zip(*points), label=name, color=color, linestyle=style)
         ax.set_xlabel("SGD step (per worker)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
