@@ -40,7 +40,9 @@ class DPConfig(Settings):
     method: str = "dppf"  # ddp | localsgd | dppf
     compressor: str = "none"  # none | topk | sign | qsgd: what a synchronisation sends
     ratio: float = 0.01  # kept fraction for topk
-    error_feedback: bool | None = None  # None: on for every compressor but qsgd
+    # local SGD and the DDP hook: an EF residual per worker (None: on but for qsgd); DPPF always carries
+    # what a payload left out in its published position (fedsynsam.dp.sync), with or without it
+    error_feedback: bool | None = None
     sign_block: int = 512  # entries per scale of the sign compressor
     sign_majority: bool = False  # sign: average by majority vote instead of the mean of the decoded signs
     qsgd_levels: int = 4
