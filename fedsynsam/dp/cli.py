@@ -25,7 +25,8 @@ DP_HELP = {
     "(pull toward the average and push away from it every tau steps)",
     "compressor": "none | topk | sign | qsgd: what a synchronisation sends (ddp: through fedcomp's DDP hook)",
     "ratio": "fraction of entries kept by topk, in (0, 1]",
-    "error_feedback": "keep an error-feedback residual per worker (true/false; unset: on but for qsgd)",
+    "error_feedback": "localsgd / ddp: keep an error-feedback residual per worker (true/false; unset: on but "
+    "for qsgd); dppf carries what a payload left out in its published position either way",
     "sign_majority": "sign: average by majority vote (true/false)",
     "partition": "iid (equal random shards) | dirichlet (label skew of concentration --alpha)",
     "steps": "SGD steps of every worker (a multiple of --sync-every)",
