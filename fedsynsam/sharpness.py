@@ -45,6 +45,7 @@ __all__ = [
     "rise_distance",
     "inverse_mean_valley",
     "Objective",
+    "evaluation_subset",
     "sharpness_of",
     "measure_run",
 ]
@@ -222,6 +223,12 @@ def inverse_mean_valley(
     return 1.0 / mean, mean
 
 
+def evaluation_subset(n: int, samples: int) -> Tensor:
+    """The fixed subset every measurement uses: the first ``samples`` of a permutation of ``range(n)``
+    seeded with 0 (CPU int64), so runs of any kind are measured on the same training points."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:samples]
+
+
 def sharpness_of(obj: Objective, *, max_iters: int = 100, tol: float = 1e-3, trace_samples: int = 50) -> dict:
     """λ_max (power iteration), Hessian trace (Hutchinson) and valley width of ``obj`` at ``obj.w``:
     keys ``lambda_max``, ``lambda_max_iterations``, ``lambda_max_converged``, ``hessian_trace``,
@@ -280,7 +287,7 @@ def measure_run(
     data = (dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)).to(dev)
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(dev)
     w = load_plain(run_dir / "final_model.pt", map_location=dev)["w"]
-    order = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))[:samples].to(dev)
+    order = evaluation_subset(len(data.y_train), samples).to(dev)
     obj = Objective(model, data.x_train[order], data.y_train[order], w)
     result = sharpness_of(obj, max_iters=max_iters, tol=tol, trace_samples=trace_samples)
     alphas, curve = landscape_1d(obj)

@@ -26,6 +26,7 @@ from fedsynsam.algorithms import pull_push
 from fedsynsam.cli import main
 from fedsynsam.data import load_dataset
 from fedsynsam.dp import DPConfig
+from fedsynsam.dp.trainer import _flat
 from fedsynsam.flower.deploy import free_port
 from fedsynsam.models import build_model
 
@@ -43,10 +44,6 @@ COMPRESSED = {
     "sign-majority": dict(compressor="sign", sign_block=64, sign_majority=True),
     "qsgd": dict(compressor="qsgd"),
 }
-
-
-def _flat(model) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def _convex_spread(world: int, rank: int, alpha: float, lam: float, dim: int = 20, **compression) -> list[float]:

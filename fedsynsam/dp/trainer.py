@@ -28,7 +28,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-import fedcomp
 from fedcomp.ddp import CompressionState, compression_hook
 
 from .. import checkpoint as checkpoints
@@ -36,8 +35,8 @@ from ..algorithms import pull_push
 from ..config import resolve_device
 from ..data import Dataset, dirichlet_partition, load_dataset
 from ..models import build_model
-from ..rounds import base_compressor, generator, load_flat
-from ..sharpness import Objective, inverse_mean_valley, sharpness_of
+from ..rounds import base_compressor, generator, initial_model, load_flat
+from ..sharpness import Objective, evaluation_subset, inverse_mean_valley, sharpness_of
 from .config import DP_NOT_IDENTITY, DPConfig
 from .sync import Synchronizer
 
@@ -102,10 +101,9 @@ class DataParallelTrainer:
         self.shards = shards_for(cfg, data.y_train, self.world)
         self.shard_index = [torch.tensor(s, dtype=torch.long) for s in self.shards]
         self.data = data.to(device)
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-        self.spec = fedcomp.flatten(self.model)[1]
+        self.model, x0, self.spec = initial_model(cfg, data, device)  # the same start on every rank
         self.numel = self.spec.numel
+        self._eval_model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
         self.hook_state = None
         self.sync = None
         if cfg.method == "ddp":
@@ -122,7 +120,7 @@ class DataParallelTrainer:
                 self.net.register_comm_hook(self.hook_state, compression_hook)
         else:
             self.net = self.model
-            self.sync = Synchronizer(cfg, _flat(self.model), self.comm_device)
+            self.sync = Synchronizer(cfg, x0, self.comm_device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.last_workers: list[torch.Tensor] | None = None  # rank 0: the workers before the last sync
@@ -166,7 +164,7 @@ class DataParallelTrainer:
     @torch.no_grad()
     def evaluate(self, flat: torch.Tensor, split: str = "test") -> tuple[float, float]:
         """(accuracy, mean cross-entropy) of the flat model on the test or training set."""
-        model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
+        model = self._eval_model
         load_flat(model, flat, self.spec)
         x, y = (self.data.x_test, self.data.y_test) if split == "test" else (self.data.x_train, self.data.y_train)
         correct, total = 0, 0.0
@@ -198,6 +196,8 @@ class DataParallelTrainer:
     def load_worker_state(self, state: dict) -> None:
         state = checkpoints.to_device(state, self.device)
         load_flat(self.model, state["x"], self.spec)
+        if "xbar" in state:
+            self._xbar, self._x_before = state["xbar"], state["x_before"]
         if self.sync is not None:
             self.sync.load_state_dict(state["sync"])
         if self.hook_state is not None:
@@ -244,11 +244,8 @@ class DataParallelTrainer:
         state = box[0]["ok"]
         self.step = int(state["step"])
         self.load_worker_state(state["workers"][self.rank])
-        mine = state["workers"][self.rank]
-        if "xbar" in mine:
-            self._xbar, self._x_before = mine["xbar"].to(self.device), mine["x_before"].to(self.device)
-            if self.step >= self.cfg.steps:  # stopped after the last synchronisation, before or during the measures
-                self.last_workers = [w["x_before"].to(self.device) for w in state["workers"]]
+        if self._xbar is not None and self.step >= self.cfg.steps:  # stopped before or during the measures
+            self.last_workers = [w["x_before"].to(self.device) for w in state["workers"]]
         records = []
         metrics = self.out / "metrics.jsonl"
         if self.rank == 0 and metrics.is_file():
@@ -345,12 +342,9 @@ class DataParallelTrainer:
         if self.cfg.measure and self.device.type == "cpu":  # the other workers have finished: use the cores
             torch.set_num_threads(max(torch.get_num_threads(), os.cpu_count() or 1))
         if self.cfg.measure:  # on the same fixed training subset as `fedsynsam sharpness --samples`
-            order = torch.randperm(len(self.data.y_train), generator=torch.Generator().manual_seed(0))
-            order = order[: self.cfg.measure_samples]
-            model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
-            obj = Objective(
-                model, self.data.x_train[order.to(self.device)], self.data.y_train[order.to(self.device)], xbar
-            )
+            order = evaluation_subset(len(self.data.y_train), self.cfg.measure_samples)
+            order = order.to(self.device)
+            obj = Objective(self._eval_model, self.data.x_train[order], self.data.y_train[order], xbar)
             measures = sharpness_of(obj)
             imv, mean_valley = inverse_mean_valley(obj, self.last_workers)
             measures.update(inverse_mean_valley=imv, mean_valley=mean_valley, sharpness_samples=len(order))
