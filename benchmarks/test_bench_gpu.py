@@ -21,7 +21,7 @@ N = 10**7
 def _providers(op: str, x, r):
     import triton.testing  # noqa: F401  (only on GPU machines)
 
-    from fedcomp import triton_ops as T
+    from fedcomp import triton as T
 
     k = N // 100
     packed, scales = T.sign_ef_triton(x, r.clone(), 4096, False)

@@ -7,7 +7,7 @@
 * ``reference``: the pure-PyTorch reference everywhere (no build is attempted).
 * ``cpu``: the C++ kernels; if they cannot be built, every op raises
   :class:`BackendUnavailable` (never a silent fallback).
-* ``triton``: the Triton kernels (:mod:`fedcomp.triton_ops`). On CUDA tensors
+* ``triton``: the Triton kernels (:mod:`fedcomp.triton`). On CUDA tensors
   they run on the GPU; on CPU tensors only under ``TRITON_INTERPRET=1`` (Triton's
   interpreter, which is how this machine without a GPU tests them).
 * ``cuda``: the CUDA C++ kernels (``csrc/cuda``), for CUDA tensors; they are built
@@ -89,9 +89,9 @@ def cpu_backend() -> str:
             why = _triton_unavailable(f"{ENV_VAR}=triton")
             if why:
                 raise BackendUnavailable(why)
-            from . import triton_ops
+            from . import triton as triton_kernels
 
-            triton_ops.register("CPU")
+            triton_kernels.register("CPU")
             _cpu_error = "not loaded (FEDCOMP_BACKEND=triton: Triton interpreter on CPU tensors)"
             _cpu_backend = "triton"
             log.info("fedcomp: CPU tensors use the Triton kernels under TRITON_INTERPRET=1")
@@ -156,10 +156,10 @@ def gpu_backend() -> str:
         if chosen in ("reference", "cuda") and want in ("auto", "triton", "cuda"):
             why = _triton_unavailable(f"{ENV_VAR}={want}")
             if why is None:
-                from . import triton_ops
+                from . import triton as triton_kernels
 
                 # with the CUDA extension loaded, Triton serves only the ops it does not implement
-                triton_ops.register("CUDA", skip=cuda_ops.IMPLEMENTED if chosen == "cuda" else ())
+                triton_kernels.register("CUDA", skip=cuda_ops.IMPLEMENTED if chosen == "cuda" else ())
                 chosen = "cuda" if chosen == "cuda" else "triton"
             elif want == "triton":
                 raise BackendUnavailable(why)

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from . import _backend, ops
-from .wire import Payload, _remember_positions, index_dtype_for, splitmix64, wire_nbytes
+from ._host import index_dtype_for, splitmix64
+from .wire import Payload, _remember_positions, wire_nbytes
 
 __all__ = ["Compressor", "Identity", "TopK", "RandK", "Sign", "QSGD", "ErrorFeedback", "EF21"]
 

@@ -20,10 +20,10 @@ _registered: list[torch.library.Library] = []
 
 def _fallback():
     try:
-        from . import triton_ops
+        from . import triton as triton_kernels
     except Exception:  # no triton: the reference runs on any device
         return {name: getattr(reference, name) for name in IMPLEMENTED}
-    return {name: getattr(triton_ops, f"{name}_triton") for name in IMPLEMENTED}
+    return {name: getattr(triton_kernels, f"{name}_triton") for name in IMPLEMENTED}
 
 
 def register() -> None:

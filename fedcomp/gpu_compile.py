@@ -1,6 +1,6 @@
 """Compile every GPU kernel for sm_80 and sm_90 without a GPU, and report registers and spills.
 
-* Triton: each entry of :data:`fedcomp.triton_ops.LAUNCH_CONFIGS` (the constexpr values the
+* Triton: each entry of :data:`fedcomp.triton.LAUNCH_CONFIGS` (the constexpr values the
   host wrappers launch with) goes through ``triton.compile(ASTSource(...),
   target=GPUTarget("cuda", arch, 32))``, which produces PTX and a cubin; ``cuobjdump
   -res-usage`` on the cubin gives registers and local memory (spills + stack).
@@ -88,7 +88,7 @@ def compile_triton(archs=ARCHS) -> list[Row]:
     from triton.compiler import ASTSource
 
     from ._backend import summarize
-    from .triton_ops import LAUNCH_CONFIGS
+    from .triton import LAUNCH_CONFIGS
 
     tool = find_cuobjdump()
     rows = []

@@ -27,6 +27,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._host import host_to_device, round_keys
+
 __all__ = [
     "abs_key",
     "pack_codes",
@@ -226,9 +228,7 @@ def apply_rows(op, x: Tensor, residual: Tensor | None, *args, rows=None, per_row
     return tuple(torch.stack(parts) for parts in zip(*outs))
 
 
-def topk_ef_rows(
-    x: Tensor, residual: Tensor | None, k: int, index_dtype: torch.dtype = torch.int64, rows=None
-):
+def topk_ef_rows(x: Tensor, residual: Tensor | None, k: int, index_dtype: torch.dtype = torch.int64, rows=None):
     """:func:`topk_ef` on each row of ``x [m, n]``: ``(values [m, k], indices [m, k])``."""
     return apply_rows(topk_ef, x, residual, k, index_dtype, rows=rows)
 
@@ -404,14 +404,12 @@ def randk_ef_rows(x: Tensor, residual: Tensor | None, seeds, k: int, rows=None):
     """Rand-k with error feedback on each row of ``x [m, n]``: ``a = x[i] + residual row``
     (rounded to ``x.dtype``; the row is ``i``, or ``rows[i]`` of a ``[K, n]`` residual), then
     ``values[i] = a[p_i]`` with ``p_i = randk_positions(round_keys(seeds)[i], k, n)`` (round keys
-    ``splitmix64(seed, 0..3)``, :func:`fedcomp.wire.round_keys`) and the residual row set to
+    ``splitmix64(seed, 0..3)``, :func:`fedcomp._host.round_keys`) and the residual row set to
     ``a`` with ``p_i`` zeroed.
 
     Returns:
         ``(values [m, k] x.dtype, positions [m, k] int64 on x's device)``.
     """
-    from .wire import host_to_device, round_keys
-
     m, n = x.shape
     rows = range(m) if rows is None else rows
     keys = round_keys(seeds)

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, ops
+from ._host import host_to_device, index_dtype_for, round_keys, splitmix64  # noqa: F401  (re-exported)
 from .reference import qsgd_bits
 
 __all__ = ["Payload", "FORMAT_VERSION", "MAGIC", "HEADER_BYTES", "index_dtype_for", "randk_indices", "wire_nbytes"]
@@ -84,25 +85,9 @@ if sys.byteorder != "little":  # pragma: no cover - every supported platform is 
     raise ImportError("fedcomp's wire format assumes a little-endian host")
 
 
-def index_dtype_for(numel: int) -> torch.dtype:
-    """int32 indices when every position fits (``numel < 2**31``), else int64."""
-    return torch.int32 if numel < 2**31 else torch.int64
-
-
 # --------------------------------------------------------------------------
 # RandK positions: a keyed pseudorandom permutation of [0, n)
 # --------------------------------------------------------------------------
-_M64 = (1 << 64) - 1
-
-
-def splitmix64(seed: int, counter: int) -> int:
-    """A 63-bit value for ``counter`` of a stream keyed by ``seed`` (SplitMix64 finaliser)."""
-    z = (seed * 0x9E3779B97F4A7C15 + (counter + 1) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return (z ^ (z >> 31)) >> 1
-
-
 def randk_indices(seed: int, k: int, n: int, device: torch.device | str = "cpu") -> Tensor:
     """``k`` distinct positions in ``[0, n)``, sorted ascending, determined by ``seed`` alone.
 
@@ -151,13 +136,6 @@ def _positions(seed: int, k: int, n: int) -> Tensor:
     return positions
 
 
-def host_to_device(t: Tensor, like: Tensor) -> Tensor:
-    """Host tensor ``t`` on ``like``'s device (a new tensor there): on a GPU copied from pinned
-    memory without blocking the host, since a copy from pageable memory synchronises with the
-    device; on the CPU, ``t`` itself."""
-    return t.pin_memory().to(like.device, non_blocking=True) if like.is_cuda else t.to(like.device)
-
-
 def _remember_positions(k: int, n: int, known) -> None:
     """Memoise positions just computed: ``known`` holds pairs ``(seed, [k] int64 on the CPU)``,
     stored under one acquisition of the lock."""
@@ -169,11 +147,6 @@ def _remember_positions(k: int, n: int, known) -> None:
             _memo.move_to_end((seed, k, n))
         while len(_memo) > _MEMO_SIZE:
             _memo.popitem(last=False)
-
-
-def round_keys(seeds) -> Tensor:
-    """``[len(seeds), 4]`` int64: the Feistel round keys ``splitmix64(seed, r)`` of each seed."""
-    return torch.tensor([[splitmix64(s, r) for r in range(4)] for s in seeds], dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------

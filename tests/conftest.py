@@ -7,7 +7,7 @@ import os
 import pytest
 
 # The Triton kernels run on CPU tensors through Triton's interpreter (tests/test_triton.py).
-# It must be chosen before anything imports fedcomp.triton_ops; the ahead-of-time compile
+# It must be chosen before anything imports fedcomp.triton; the ahead-of-time compile
 # check runs in a subprocess without it.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")

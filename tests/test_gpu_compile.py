@@ -33,7 +33,7 @@ def _rows(kind: str) -> list[dict]:
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_every_triton_launch_configuration_compiles_for_sm80_and_sm90():
-    from fedcomp.triton_ops import HOT_KERNELS, LAUNCH_CONFIGS
+    from fedcomp.triton import HOT_KERNELS, LAUNCH_CONFIGS
 
     rows = _rows("triton")
     assert {(r["kernel"], r["target"]) for r in rows} == {
