@@ -25,8 +25,16 @@ from pathlib import Path
 
 import torch
 
-CPU_SOURCES = ("cpu/fedcomp_cpu.cpp",)
-HEADERS = ("common/fedcomp_math.h",)
+# one file per op family, and the registration (csrc/cpu/); the headers are hashed with them
+CPU_SOURCES = (
+    "cpu/register.cpp",
+    "cpu/topk.cpp",
+    "cpu/sign.cpp",
+    "cpu/qsgd.cpp",
+    "cpu/randk.cpp",
+    "cpu/sparse.cpp",
+)
+HEADERS = ("common/fedcomp_math.h", "cpu/common.h", "cpu/block_quant.h", "cpu/ops.h")
 CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-fno-math-errno")
 LDFLAGS = ("-fopenmp",)
 
