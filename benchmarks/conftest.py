@@ -54,11 +54,17 @@ def pytest_terminal_summary(terminalreporter):
             continue
         composite = times.get("composite")
         for provider, ms in sorted(times.items()):
-            rows.append([
-                op, f"{n:.0e}", provider, ms,
-                f"{composite / ms:.1f}x" if composite else "",
-                f"{ms / adds[n]:.1f}x" if n in adds else "",
-            ])
+            rows.append(
+                [
+                    op,
+                    f"{n:.0e}",
+                    provider,
+                    ms,
+                    f"{composite / ms:.1f}x" if composite else "",
+                    f"{ms / adds[n]:.1f}x" if n in adds else "",
+                ]
+            )
     terminalreporter.write_sep("=", "fedcomp ratio table (median ms)")
-    terminalreporter.write_line(format_table(
-        ["op", "n", "provider", "median ms", "speed-up vs composite", "time / in-place add"], rows))
+    terminalreporter.write_line(
+        format_table(["op", "n", "provider", "median ms", "speed-up vs composite", "time / in-place add"], rows)
+    )

@@ -71,8 +71,16 @@ def _providers(op: str, x, r):
 
 @pytest.mark.parametrize(
     "op",
-    ["topk_ef", "topk_threshold_ef", "sign_ef", "qsgd", "sign_decode", "sign_majority (10 rows)", "qsgd_decode",
-     "sparse_accumulate"],
+    [
+        "topk_ef",
+        "topk_threshold_ef",
+        "sign_ef",
+        "qsgd",
+        "sign_decode",
+        "sign_majority (10 rows)",
+        "qsgd_decode",
+        "sparse_accumulate",
+    ],
 )
 def test_gpu_op(table, op):
     import triton.testing

@@ -71,9 +71,14 @@ def _ops(n: int, x, r):
         "sign_decode": {
             "cpu": lambda: fedcomp.sign_decode(packed, scales, n, 4096),
             "reference": lambda: reference.sign_decode(packed, scales, n, 4096),
-            "composite": lambda: torch.where(torch.from_numpy(
-                __import__("numpy").unpackbits(packed.numpy(), count=n, bitorder="little")).bool(), 1.0, -1.0
-            ) * scales.repeat_interleave(4096)[:n],
+            "composite": lambda: (
+                torch.where(
+                    torch.from_numpy(__import__("numpy").unpackbits(packed.numpy(), count=n, bitorder="little")).bool(),
+                    1.0,
+                    -1.0,
+                )
+                * scales.repeat_interleave(4096)[:n]
+            ),
         },
         "qsgd_decode": {
             "cpu": lambda: fedcomp.qsgd_decode(codes, norms, n, 4, bucket),

@@ -16,8 +16,12 @@ import statistics
 import sys
 from pathlib import Path
 
-METRICS = (("acc", "mean_test_acc_last5", "last-5-round test accuracy"), ("lam", "lambda_max", "λ_max"),
-           ("trace", "hessian_trace", "Hessian trace"), ("width", "valley_width", "valley width"))
+METRICS = (
+    ("acc", "mean_test_acc_last5", "last-5-round test accuracy"),
+    ("lam", "lambda_max", "λ_max"),
+    ("trace", "hessian_trace", "Hessian trace"),
+    ("width", "valley_width", "valley width"),
+)
 
 
 def load(out: Path) -> dict:
@@ -64,8 +68,9 @@ def main(out: str) -> None:
         row(f"claim 3: FedSynSAM {comp} − FedAvg none", ("fedsynsam", comp), ("fedavg", "none"))
     for comp in ("none", "topk", "sign"):
         row(f"reference: FedSAM − FedAvg, both {comp}", ("fedsam", comp), ("fedavg", comp))
-    head = ["paired difference (mean ± s.e. over seeds)"] + [f"{label}{' (pp)' if s == 'acc' else ''}"
-                                                             for s, _, label in METRICS]
+    head = ["paired difference (mean ± s.e. over seeds)"] + [
+        f"{label}{' (pp)' if s == 'acc' else ''}" for s, _, label in METRICS
+    ]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:

@@ -20,8 +20,15 @@ def available_backends() -> list[str]:
     return ["cpu"] if _backend.cpu_backend() == "cpu" else []
 
 
-@pytest.fixture(params=available_backends() or [pytest.param("cpu", marks=pytest.mark.skip(
-    reason="the C++ CPU kernels could not be built here: " + str(_backend.cpu_error())))])
+@pytest.fixture(
+    params=available_backends()
+    or [
+        pytest.param(
+            "cpu",
+            marks=pytest.mark.skip(reason="the C++ CPU kernels could not be built here: " + str(_backend.cpu_error())),
+        )
+    ]
+)
 def backend(request):
     """The backend under test; calls go through the public fedcomp API."""
     return request.param

@@ -114,13 +114,24 @@ def _opcheck_samples():
         ),
         (
             "sign_accumulate_many",
-            (torch.randn(1000), [torch.randint(0, 255, (125,), dtype=torch.uint8)] * 2, [torch.rand(16)] * 2, 64,
-             [0.3, -1.0]),
+            (
+                torch.randn(1000),
+                [torch.randint(0, 255, (125,), dtype=torch.uint8)] * 2,
+                [torch.rand(16)] * 2,
+                64,
+                [0.3, -1.0],
+            ),
         ),  # fmt: skip
         (
             "qsgd_accumulate_many",
-            (torch.randn(1000), [torch.randint(0, 255, (500,), dtype=torch.uint8)] * 3, [torch.rand(8)] * 3, 4, 128,
-             [0.3, 0.5, 2.0]),
+            (
+                torch.randn(1000),
+                [torch.randint(0, 255, (500,), dtype=torch.uint8)] * 3,
+                [torch.rand(8)] * 3,
+                4,
+                128,
+                [0.3, 0.5, 2.0],
+            ),
         ),  # fmt: skip
         ("randk_positions", (torch.tensor([1, 2, 3, 4]), 10, 1000)),
         ("randk_ef_rows", (x.view(2, 500), torch.randn(2, 500), [1, 5], 10)),

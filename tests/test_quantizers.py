@@ -33,8 +33,11 @@ def test_sign_ef_matches_reference(backend, n, dtype, scale):
         assert_same(packed, p_ref, f"packed bits (block={block})")
         torch.testing.assert_close(scales, s_ref, rtol=1e-6, atol=0)
         torch.testing.assert_close(r1, r2, rtol=rtol, atol=atol)
-        assert_same(fedcomp.sign_decode(packed, scales, n, block),
-                    reference.sign_decode(packed, scales, n, _block(block, n)), "decoded")
+        assert_same(
+            fedcomp.sign_decode(packed, scales, n, block),
+            reference.sign_decode(packed, scales, n, _block(block, n)),
+            "decoded",
+        )
 
 
 def test_sign_bit_order_is_numpy_little(backend):
@@ -106,8 +109,11 @@ def test_qsgd_matches_reference(backend, n, dtype, levels):
         codes = reference.qsgd_codes(a, norms, levels, b, 11)
         assert_same(packed, reference.pack_codes(codes, reference.qsgd_bits(levels)), "packed codes")
         torch.testing.assert_close(r1, r2, rtol=rtol, atol=atol)
-        assert_same(fedcomp.qsgd_decode(packed, norms, n, levels, bucket),
-                    reference.qsgd_decode(packed, norms, n, levels, b), "decoded")
+        assert_same(
+            fedcomp.qsgd_decode(packed, norms, n, levels, bucket),
+            reference.qsgd_decode(packed, norms, n, levels, b),
+            "decoded",
+        )
 
 
 @pytest.mark.parametrize("levels", [1, 4, 16])
