@@ -1,6 +1,7 @@
 # Quick start (see README):
 #   make demo   set up a virtualenv and run the main job
-#   make test   set up the same virtualenv and run the linter and the test suite
+#   make test   set up the same virtualenv and run the linter, the docs build and the test suite
+#   make docs   build the documentation site into site/ (strict: a warning is an error)
 #
 # TORCH picks the torch wheel installed *before* fedcomp, so fedcomp's
 # `torch>=2.4` requirement is already met and pip never pulls a multi-GB
@@ -13,12 +14,12 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedcomp-installed
 
-.PHONY: setup demo flower-demo ops-demo experiment-mnist test bench clean
+.PHONY: setup demo flower-demo ops-demo experiment-mnist docs test bench clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[test,train]"
+	$(PY) -m pip install --quiet -e ".[test,train,docs]"
 	$(PY) -m fedcomp.build
 	touch $@
 
@@ -49,12 +50,17 @@ experiment-mnist: setup
 	$(PY) docs/experiment_mnist.py run --jobs 2
 	$(PY) docs/experiment_mnist.py report
 
-test: setup
+# The site, strictly: a broken link, anchor or docstring fails the build (and so CI).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+test: setup docs
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest tests benchmarks --benchmark-disable
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks runs
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks runs site

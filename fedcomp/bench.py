@@ -130,7 +130,7 @@ def time_call(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> flo
 
 
 def format_table(header: list[str], rows: list[list[object]]) -> str:
-    """A Markdown table (what the README shows)."""
+    """A Markdown table (what docs/performance.md shows)."""
     cells = [header] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]

@@ -199,7 +199,8 @@ def topk_threshold_ef(
     (below ``t``, or past ``capacity``) stay in ``residual``. No host synchronisation.
 
     Args:
-        x, residual: as in :func:`topk_ef`.
+        x: as in :func:`topk_ef`.
+        residual: as in :func:`topk_ef`.
         k: target number of entries, ``0 <= k <= n``.
         capacity: size of the output buffers (default ``min(n, 2k)``).
         sample_size: number of sampled positions, ``>= 1``.
@@ -276,8 +277,10 @@ def randk_ef(x: Tensor, residual: Tensor | None, k: int, seed, *, rows=None) -> 
         raise ValueError(f"x must have fewer than 2**62 entries per row; got {n}")
     one = x.dim() == 1
     seeds = [seed] if one else seed
-    if isinstance(seeds, (str, bytes, Tensor)) or not hasattr(seeds, "__len__") or len(seeds) != (
-        1 if one else x.shape[0]
+    if (
+        isinstance(seeds, (str, bytes, Tensor))
+        or not hasattr(seeds, "__len__")
+        or len(seeds) != (1 if one else x.shape[0])
     ):
         raise ValueError(f"seed must be an int for x of shape [n], or {x.shape[0]} ints for x of shape [m, n]")
     seeds = [_check_int("seed", s, 0, (1 << 63) - 1) for s in seeds]
@@ -356,7 +359,8 @@ def qsgd(
     ``E[qsgd_decode(...)] = a``. ``residual <- a - decode``.
 
     Args:
-        x, residual: as in :func:`topk_ef`.
+        x: as in :func:`topk_ef`.
+        residual: as in :func:`topk_ef`.
         levels: ``L``, ``1 <= L <= 32768``.
         bucket: entries per bucket (``None``: one bucket).
         seed: Philox seed; if ``None`` one is drawn from ``generator`` (or torch's default).
@@ -457,7 +461,10 @@ def qsgd_accumulate(
 
     Args:
         out: ``[numel]`` float32 accumulator on the payload's device.
-        packed, norms, levels, bucket: as returned by / given to :func:`qsgd`.
+        packed: as returned by :func:`qsgd`.
+        norms: as returned by :func:`qsgd`.
+        levels: as given to :func:`qsgd`.
+        bucket: as given to :func:`qsgd`.
         alpha: finite weight.
 
     Returns:

@@ -288,7 +288,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
     if name == "mnist5k":
         return _mnist5k()
     if data_dir is None:
-        raise ValueError(f"dataset {name!r} is read from files: pass --data-dir (see the README)")
+        raise ValueError(f"dataset {name!r} is read from files: pass --data-dir (see docs/trainer.md)")
     root = Path(data_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"data directory {root} does not exist")
