@@ -272,7 +272,7 @@ def report(results: Results, dest: Path) -> str:
     if curves:
         plot_dp(curves, dest, prefix="seed0_")
         parts.append("![curves of seed 0](seed0_dp_curves.png)\n")
-    text = "\n".join(parts)
+    text = "\n\n".join(part.rstrip("\n") for part in parts) + "\n"
     (dest / "results.md").write_text(text)
     return text
 
