@@ -57,7 +57,7 @@ docs: setup
 test: setup docs
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest tests benchmarks --benchmark-disable
+	$(PY) -m pytest tests benchmarks --benchmark-disable --durations=15
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only

@@ -92,6 +92,9 @@ def _worker(rank: int, port: int, out: str, small: bool) -> None:
         }
         if rank == 0:
             torch.save(res, Path(out) / "bench.pt")
+        # every rank past its last collective before any closes its connections: a rank that tears
+        # down while a peer still reads from it makes gloo abort that peer (seen once, under load)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -81,6 +81,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 "state": pickle.dumps(cstate),
             }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # every rank past its last collective before any closes its connections
     finally:
         dist.destroy_process_group()
 

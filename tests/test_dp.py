@@ -101,6 +101,7 @@ def _group_worker(rank: int, world: int, port: int, out: str) -> None:
                 res[f"{method}/{name}"] = {"xbar": tr._xbar, "x": _flat(tr.model), "sent": tr.sync.bytes_sent}
         res["convex"] = _convex_spread(world, rank, alpha=0.2, lam=0.1)
         res["convex-topk"] = _convex_spread(world, rank, alpha=0.2, lam=0.1, dim=1000, compressor="topk", ratio=0.01)
+        dist.barrier()  # every rank past its last collective before any closes its connections
     finally:
         torch.save(res, Path(out) / f"rank{rank}.pt")
         dist.destroy_process_group()

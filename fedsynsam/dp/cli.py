@@ -125,6 +125,7 @@ def _worker(args, resolve) -> int:
                 f"{acc or 'not evaluated yet'}, spread {records[-1]['spread']:.4g}, "
                 f"{sum(r['sent_bytes'] for r in records) / 1e6:.2f} MB sent per worker -> {args.out}"
             )
+        dist.barrier()  # every rank past its last collective before any closes its connections
         return 0
     except (ValueError, OSError) as e:
         print(f"fedsynsam dp: rank {rank}: error: {e}", file=sys.stderr)
