@@ -63,22 +63,18 @@ def _agreement() -> list[list[object]]:
 
 
 def speed_table(n: int, repeat: int) -> list[list[object]]:
-    """Rows: op, fused ms, composite ms, composite/fused, fused/add."""
+    """Rows: op, fused ms, composite ms, composite/fused, fused/add: fedcomp-bench's cases and
+    timing (``fedcomp-bench topk_ef,sign_ef,qsgd --sizes N`` gives the same with GB/s)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, generator=g)
-    r = torch.randn(n, generator=g) * 0.1
-    k = n // 100
-    add_ms = bench.time_call(lambda: bench.composite_add(x, r), repeat)
-    cases = [
-        ("topk_ef (k = 1%)", lambda: ops.topk_ef(x, r, k), lambda: bench.composite_topk_ef(x, r, k)),
-        ("sign_ef (one block)", lambda: ops.sign_ef(x, r), lambda: bench.composite_sign_ef(x, r)),
-        ("qsgd (4 levels, bucket 512)", lambda: ops.qsgd(x, r, 4, 512, seed=0), lambda: bench.composite_qsgd(x, r)),
-    ]
+    x, r = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    add_ms = bench.median_ms(lambda: bench.composite_add(x, r), repeat)
     rows = [["in-place add (yardstick)", add_ms, "", "", 1.0]]
-    for name, fused, composite in cases:
-        f_ms = bench.time_call(fused, repeat)
-        c_ms = bench.time_call(composite, max(2, repeat // 2))
-        rows.append([name, f_ms, c_ms, c_ms / f_ms, f_ms / add_ms])
+    params, cpu = bench.Params(), torch.device("cpu")
+    for name in ("topk_ef", "sign_ef", "qsgd"):
+        case = bench.CASES[name]
+        f_ms = bench.median_ms(case.call("auto", case.make(n, torch.float32, cpu, params)), repeat)
+        c_ms = bench.median_ms(case.call("composite", case.make(n, torch.float32, cpu, params)), max(2, repeat // 2))
+        rows.append([f"{name} ({case.doc})", f_ms, c_ms, c_ms / f_ms, f_ms / add_ms])
     return rows
 
 

@@ -27,6 +27,7 @@ LAYERS = [
             "fedcomp.ddp",
             "fedcomp.flower",
             "fedcomp.bench",
+            "fedcomp.bench.*",
             "fedcomp.demo",
             "fedcomp.env",
             "fedcomp.gpu_compile",

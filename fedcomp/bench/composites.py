@@ -1,19 +1,14 @@
-"""Torch-composite baselines and a small timing harness.
+"""Torch-composite baselines: each op written the way existing compressor libraries write it,
+a sequence of ATen calls (``a = x + r; a.abs().topk(k); ...``).
 
-The composites are each op written the way existing compressor libraries
-write it: a sequence of ATen calls (``a = x + r; a.abs().topk(k); ...``). The
-benchmarks (``benchmarks/``) and the demo (``python -m fedcomp.demo``) import
-them from here, so the baseline never drifts between the two. They are not
-bit-exact with the spec (``torch.topk`` breaks ties arbitrarily); they do the
-same work.
+``fedcomp-bench``, the benchmarks (``benchmarks/``) and the demo (``python -m fedcomp.demo``)
+all time them from here, so the baseline never drifts between them. They are not bit-exact
+with the spec (``torch.topk`` breaks ties arbitrarily); they do the same work.
 """
 
 from __future__ import annotations
 
 import io
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -25,7 +20,27 @@ def pack_bits(bits: Tensor) -> Tensor:
     """Composite little-endian bit packing of a bool tensor."""
     pad = (-bits.numel()) % 8
     padded = torch.nn.functional.pad(bits.to(torch.uint8), (0, pad))
-    return (padded.view(-1, 8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
+    return (padded.view(-1, 8) * _BIT_WEIGHTS.to(bits.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: Tensor, n: int) -> Tensor:
+    """Composite inverse of :func:`pack_bits`: ``[n]`` bool."""
+    return ((packed[:, None] & _BIT_WEIGHTS.to(packed.device)) != 0).view(-1)[:n]
+
+
+def composite_sign_decode(packed: Tensor, scales: Tensor, n: int, block: int) -> Tensor:
+    """Dense decode of a sign payload: unpack the bits, expand the block scales, multiply."""
+    signs = torch.where(unpack_bits(packed, n), 1.0, -1.0)
+    return signs * scales.repeat_interleave(block)[:n]
+
+
+def composite_sign_accumulate(out: Tensor, packed: Tensor, scales: Tensor, block: int, alpha: float) -> Tensor:
+    """Decode to a dense temporary, then add: what a library without a fused accumulate does."""
+    return out.add_(composite_sign_decode(packed, scales, out.numel(), block), alpha=alpha)
+
+
+def composite_sparse_accumulate(out: Tensor, indices: Tensor, values: Tensor, alpha: float) -> Tensor:
+    return out.index_add_(0, indices.long(), values.to(out.dtype), alpha=alpha)
 
 
 def composite_add(x: Tensor, residual: Tensor, k: int | None = None) -> None:
@@ -108,31 +123,9 @@ def composite_decode_mean(received: list[tuple[Tensor, Tensor]], n: int, kind: s
     decoded = []
     for first, second in received:
         if kind == "topk":
-            d = torch.zeros(n)
+            d = torch.zeros(n, device=first.device)
             d[second] = first
         else:
-            bits = torch.from_numpy(__import__("numpy").unpackbits(first.numpy(), count=n, bitorder="little"))
-            d = second * (bits.to(torch.float32) * 2 - 1)
+            d = second * (unpack_bits(first, n).to(torch.float32) * 2 - 1)
         decoded.append(d)
     return torch.stack(decoded).mean(0)
-
-
-def time_call(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
-def format_table(header: list[str], rows: list[list[object]]) -> str:
-    """A Markdown table (what docs/performance.md shows)."""
-    cells = [header] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
