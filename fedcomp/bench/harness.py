@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import _backend
-from .cases import BACKENDS, CASES, Case, Inputs, Params, traffic_bytes
+from .cases import BACKENDS, CASES, DTYPES, Case, Inputs, Params, traffic_bytes
 
 L2_FLUSH_BYTES = 256 << 20
 
@@ -210,8 +210,6 @@ def measure(
     nominal_gbs: float | None,
 ) -> Row:
     """Time one case on one backend at one size and dtype."""
-    from .cases import DTYPES
-
     inputs: Inputs = case.make(n, DTYPES[dtype_name], device, params)
     fn = case.call(backend, inputs)
     samples = time_call(fn, repeat, warmup, device=device, before=inputs.refresh if fresh else None)
@@ -265,8 +263,6 @@ def run(
         for name in ops:
             case = CASES[name]
             for dtype_name in dtypes if case.dtyped else ["fp32"]:
-                if not case.dtyped and dtype_name in [r.dtype for r in rows if r.op == name and r.n == n]:
-                    continue
                 group = []
                 for b in backends:
                     if b not in case.backends():
