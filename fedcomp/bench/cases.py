@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .. import _host, reference
+from .. import _host, cuda_ops, reference
 from . import composites
 
 #: every backend name the tool accepts
@@ -118,7 +118,7 @@ class Case:
         if self.schema is None:
             return ("auto", "composite")
         out = ["auto", "reference", "cpu", "triton"]
-        if self.schema in _CUDA_OPS:
+        if self.schema in cuda_ops.IMPLEMENTED:
             out.append("cuda")
         if self.composite:
             out.append("composite")
@@ -144,7 +144,6 @@ class Case:
         return lambda: fn(*args)
 
 
-_CUDA_OPS = ("topk_ef", "sign_ef", "sign_decode", "sign_accumulate", "sparse_accumulate")
 
 
 def _xr(n, dtype, device, g, rows=None):
