@@ -123,6 +123,7 @@ def test_fresh_inputs_restore_what_the_op_writes():
         (["topk_ef", "--repeat", "0"], "--repeat must be >= 1"),
         (["topk_ef", "--device", "tpu"], "--device must be cpu or cuda[:N]"),
         (["topk_ef", "--backends", "cuda"], "backend cuda serves CUDA tensors only"),
+        (["pipeline_topk", "--plot", "x.png"], "--plot draws GB/s, which the pipelines do not have"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):

@@ -144,8 +144,6 @@ class Case:
         return lambda: fn(*args)
 
 
-
-
 def _xr(n, dtype, device, g, rows=None):
     shape = (n,) if rows is None else (rows, n)
     x = torch.randn(shape, generator=g).to(dtype).to(device)

@@ -205,6 +205,8 @@ def main(argv=None) -> int:
             if low is not None and value is not None and value < low:
                 raise ValueError(f"--{name} must be >= {low}; got {value}")
         if args.plot:
+            if all(CASES[op].schema is None for op in ops):
+                raise ValueError("--plot draws GB/s, which the pipelines do not have: add an op such as topk_ef")
             try:
                 import matplotlib  # noqa: F401
             except ImportError:
