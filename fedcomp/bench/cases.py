@@ -45,7 +45,7 @@ class Inputs:
 
     tensors: dict[str, object]
     fresh: tuple[str, ...] = ()
-    pristine: dict[str, Tensor] = field(default_factory=dict)
+    pristine: dict[str, Tensor] = field(init=False)
 
     def __post_init__(self):
         self.pristine = {name: self.tensors[name].clone() for name in self.fresh}
@@ -53,10 +53,6 @@ class Inputs:
     def refresh(self) -> None:
         for name in self.fresh:
             self.tensors[name].copy_(self.pristine[name])
-
-
-def _qsgd_bits(levels: int) -> int:
-    return reference.qsgd_bits(levels)
 
 
 def _nblocks(n: int, block: int) -> int:
@@ -71,7 +67,7 @@ def traffic_bytes(op: str, n: int, dtype: torch.dtype, p: Params) -> int | None:
     iw = 4 if _host.index_dtype_for(n) == torch.int32 else 8
     k, m = p.k(n), p.rows
     sign_bytes = -(-n // 8) + 4 * _nblocks(n, p.block)  # packed bits + fp32 scales
-    qsgd_bytes = -(-n * _qsgd_bits(p.levels) // 8) + 4 * _nblocks(n, p.bucket)
+    qsgd_bytes = -(-n * reference.qsgd_bits(p.levels) // 8) + 4 * _nblocks(n, p.bucket)
     ef = 3 * w * n  # read x, read residual, write residual
     table = {
         "topk_ef": ef + k * (w + iw),

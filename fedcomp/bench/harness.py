@@ -52,7 +52,6 @@ def time_call(
             before()
         fn()
     _sync(device)
-    samples = []
     if device.type == "cuda":
         flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
         pairs = []
@@ -67,6 +66,7 @@ def time_call(
             pairs.append((start, end))
         torch.cuda.synchronize(device)
         return [s.elapsed_time(e) for s, e in pairs]
+    samples = []
     for _ in range(repeat):
         if before:
             before()
