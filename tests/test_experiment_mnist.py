@@ -81,12 +81,14 @@ def test_claims_and_sweep_plots_are_written(tmp_path):
 def test_selected_parts():
     main, sub, every = exp.selected("main"), exp.selected("sub"), exp.selected("all")
     estimate = exp.selected("estimate")
-    assert len(main) == 150 and len(every) == 268 and len(set(every)) == 268 and len(estimate) == 55
-    assert set(estimate) == {t for t in every if t[0] in exp.ESTIMATE_GRIDS}
+    assert len(main) == 150 and len(every) == 268 and len(set(every)) == 268 and len(estimate) == 55 + 15
+    fedavg = [("alpha0.1", "fedavg", c, s) for s in exp.MAIN_SEEDS for c in exp.COMPRESSORS]
+    assert estimate[55:] == fedavg  # claim 3's baseline, last
+    assert set(estimate[:55]) == {t for t in every if t[0] in exp.ESTIMATE_GRIDS}
     # seed by seed through top-k and none (FedSynSAM first), sign after every seed of those
     assert estimate[0] == ("estimate", "fedsynsam", "topk", 0)
     assert [t[3] for t in estimate[:8]] == [0] * 8 and {t[2] for t in estimate[:8]} == {"topk", "none"}
-    assert {t[2] for t in estimate[40:]} == {"sign"} and "sign" not in {t[2] for t in estimate[:40]}
+    assert {t[2] for t in estimate[40:55]} == {"sign"} and "sign" not in {t[2] for t in estimate[:40]}
     # the sub-grids plus the main-grid runs they are paired with (every algorithm, top-k, α = 0.1)
     base = {("alpha0.1", a, "topk", s) for a in exp.ALGORITHMS for s in exp.SUB_SEEDS}
     assert set(sub) == (set(every) - set(main) - set(estimate)) | base and len(sub) == 63 + 15
