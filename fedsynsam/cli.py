@@ -43,6 +43,12 @@ _FLAG_HELP = {
     "rho": "SAM radius",
     "perturbation": "FedSynSAM: client (send D_syn) | server (send eps)",
     "sfc_samples": "3SFC: synthetic samples per upload",
+    "sfc_encoder": "3SFC: lbfgs | adam (how the samples are fitted to the update)",
+    "sfc_labels": "3SFC: raw (label targets as they are) | softmax",
+    "sfc_iters": "3SFC: objective evaluations (lbfgs) or steps (adam) per encode (unset: 30)",
+    "sfc_lr": "3SFC: the encoder's (first) step size (unset: 1.0 lbfgs, 0.1 adam)",
+    "fedsynth_encoder": "FedSynth: lbfgs | adam",
+    "fedsynth_labels": "FedSynth: raw | softmax",
     "sfc_double_way": "3SFC: the server also compresses its broadcast (true/false)",
     "fedsynth_batches": "FedSynth: replayed synthetic batches",
     "dppf_alpha": "DPPF pull strength in (0, 1]",
@@ -65,7 +71,14 @@ def _add_config_flags(p: argparse.ArgumentParser, skip=(), cls=Config, help_text
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        kinds = {"int": int, "int | None": int, "float": float, "bool": _bool, "bool | None": _bool}
+        kinds = {
+            "int": int,
+            "int | None": int,
+            "float": float,
+            "float | None": float,
+            "bool": _bool,
+            "bool | None": _bool,
+        }
         kind = {**kinds, "str": str, "str | None": str}[f.type]
         p.add_argument(
             "--" + f.name.replace("_", "-"),

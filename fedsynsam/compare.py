@@ -134,6 +134,9 @@ def collect(out: Path, algorithms, compressors, seeds) -> list[dict]:
             medians = [x["estimate"]["eps"]["median"] for x in summaries if "eps" in x.get("estimate", {})]
             if medians and len(medians) == len(summaries):  # the estimate diagnostic was on
                 row["eps_cosine_mean"], row["eps_cosine_std"] = _mean_std(medians)
+            encode = [x["encode_cos_mean"] for x in summaries if "encode_cos_mean" in x]
+            if encode and len(encode) == len(summaries):  # 3SFC / FedSynth
+                row["encode_cos_mean"], row["encode_cos_std"] = _mean_std(encode)
             rows.append(row)
     return rows
 
@@ -147,6 +150,9 @@ def format_results(rows: list[dict], cfg: Config) -> str:
     estimate = any("eps_cosine_mean" in r for r in rows)
     if estimate:
         head.append("median cos(ε, ∇F)")
+    encode = any("encode_cos_mean" in r for r in rows)
+    if encode:
+        head.append("encode cos")
     lines = [
         f"Dataset {cfg.dataset}, model {cfg.model}, {cfg.clients} clients ({cfg.per_round}/round), "
         f"Dirichlet α={cfg.alpha}, {cfg.rounds} rounds, K={cfg.local_steps}, lr={cfg.lr}, ρ={cfg.rho}, "
@@ -174,6 +180,8 @@ def format_results(rows: list[dict], cfg: Config) -> str:
             ]
         if estimate:  # FedAvg perturbs along nothing: no cosine
             cells.append(f"{r['eps_cosine_mean']:+.2f} ± {r['eps_cosine_std']:.2f}" if "eps_cosine_mean" in r else "—")
+        if encode:  # what the 3SFC / FedSynth payloads carried of each update (+ residual)
+            cells.append(f"{r['encode_cos_mean']:.3f} ± {r['encode_cos_std']:.3f}" if "encode_cos_mean" in r else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -16,6 +16,7 @@ from .algorithms import ALGORITHMS
 from .data import DATASETS, EMBEDDED
 from .estimate import parse_diagnose
 from .models import MODELS
+from .syncomp import ENCODER_DEFAULTS, ENCODERS, LABELS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,7 +58,11 @@ class Settings:
             raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(known)}")
         cfg = cls(**values)
         for name, f in known.items():  # ints given where floats are expected are fine; coerce them
-            if f.type == "float" and isinstance(getattr(cfg, name), int) and not isinstance(getattr(cfg, name), bool):
+            if (
+                f.type in ("float", "float | None")
+                and isinstance(getattr(cfg, name), int)
+                and not isinstance(getattr(cfg, name), bool)
+            ):
                 setattr(cfg, name, float(getattr(cfg, name)))
         return cfg
 
@@ -109,13 +114,19 @@ class Config(Settings):
     syn_lr_labels: float = 0.05
     syn_lr_step: float = 0.01
     sfc_samples: int = 1  # 3SFC: synthetic samples M
-    sfc_iters: int = 30  # 3SFC: Adam iterations of the encoder
-    sfc_lr: float = 0.1
+    sfc_encoder: str = "lbfgs"  # 3SFC's encoder: "lbfgs" or "adam" (fedsynsam.syncomp)
+    sfc_labels: str = "raw"  # 3SFC's label targets: "raw" (as they are) or "softmax"
+    # the encoder's objective evaluations (L-BFGS) or steps (Adam) and its (first) step size;
+    # None: the encoder's default (ENCODER_DEFAULTS: L-BFGS 30 at 1.0, Adam 30 at 0.1)
+    sfc_iters: int | None = None
+    sfc_lr: float | None = None
     sfc_double_way: bool = False  # 3SFC: the server also compresses the aggregate it broadcasts
     fedsynth_batches: int = 1  # FedSynth: replayed batches B
     fedsynth_batch_size: int = 1
-    fedsynth_iters: int = 30
-    fedsynth_lr: float = 0.1
+    fedsynth_encoder: str = "lbfgs"  # as sfc_encoder, sfc_labels, sfc_iters, sfc_lr, for FedSynth
+    fedsynth_labels: str = "raw"
+    fedsynth_iters: int | None = None
+    fedsynth_lr: float | None = None
     dppf_alpha: float = 0.1  # DPPF pull
     dppf_lambda: float = 0.01  # DPPF push; the workers settle about lambda/alpha from the mean
     eval_every: int = 1
@@ -138,8 +149,18 @@ class Config(Settings):
                 "partition": PARTITIONS,
                 "perturbation": PERTURBATION_MODES,
                 "syn_objective": tuple(SYN_ITERS),
+                "sfc_encoder": ENCODERS,
+                "sfc_labels": LABELS,
+                "fedsynth_encoder": ENCODERS,
+                "fedsynth_labels": LABELS,
             },
         )
+        for prefix in ("sfc", "fedsynth"):  # resolved here, so a run's saved config says which
+            encoder = getattr(self, f"{prefix}_encoder")
+            if getattr(self, f"{prefix}_iters") is None:
+                setattr(self, f"{prefix}_iters", ENCODER_DEFAULTS[encoder][0])
+            if getattr(self, f"{prefix}_lr") is None:
+                setattr(self, f"{prefix}_lr", ENCODER_DEFAULTS[encoder][1])
         if self.syn_iters is None:  # resolved here, so a run's saved config says how many
             self.syn_iters = SYN_ITERS[self.syn_objective][0]
         if self.syn_refresh_iters is None:

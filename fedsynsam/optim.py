@@ -1,4 +1,4 @@
-"""Adam for the server's and the compressors' small inner optimisations (distillation, 3SFC,
+"""Adam and L-BFGS for the server's and the compressors' small inner optimisations (distillation, 3SFC,
 FedSynth), without ``torch.optim``.
 
 Constructing any ``torch.optim`` optimizer imports ``torch._dynamo`` the first time, about 1.5 s
@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["Adam"]
+__all__ = ["Adam", "lbfgs"]
 
 
 class Adam:
@@ -67,3 +67,88 @@ class Adam:
                 bias_correction2 = 1 - b2 ** step[0]
                 denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(self.eps)
                 p.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+
+
+def lbfgs(
+    evaluate,
+    z: Tensor,
+    *,
+    max_evals: int,
+    lr: float = 1.0,
+    history: int = 20,
+    c1: float = 1e-4,
+    shrink: float = 0.5,
+    tolerance: float = 1e-9,
+) -> tuple[Tensor, float, int]:
+    """Minimise a smooth function of one flat tensor by L-BFGS with a backtracking line search.
+
+    Args:
+        evaluate: ``evaluate(z) -> (loss, grad)``: the objective (a float) and its gradient
+            (a tensor shaped like ``z``) at ``z``; called at most ``max_evals`` times.
+        z: the start, any shape, float32 or float64 (not modified).
+        max_evals: the budget of ``evaluate`` calls (the cost measure; every call is one
+            forward and backward pass).
+        lr: the first trial step along each quasi-Newton direction (1 is the natural step; the
+            very first direction, a plain gradient, is scaled to unit length first).
+        history: curvature pairs kept (the ``m`` of L-BFGS).
+        c1: the Armijo constant; a trial step that does not decrease the loss by
+            ``c1 * t * <grad, direction>`` is shrunk by ``shrink`` (another evaluation).
+        tolerance: stop when the largest gradient entry or a step's change in loss is below it.
+
+    Returns ``(best z, its loss, evaluations used)``: the best point of every one evaluated, so a
+    rejected trial or an early stop never loses a better iterate. Deterministic: the same inputs
+    give the same bits. Curvature pairs with ``<s, y> <= 1e-10 <y, y>`` are skipped (no update
+    of the inverse-Hessian estimate), which keeps it positive definite without a Wolfe search.
+    """
+    if isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 1:
+        raise ValueError(f"max_evals must be an integer >= 1; got {max_evals!r}")
+    z = z.detach().clone()
+    loss, grad = evaluate(z)
+    evals, best, best_loss = 1, z.clone(), loss
+    pairs: list[tuple[Tensor, Tensor, float]] = []  # (s, y, 1 / <s, y>)
+    direction = -grad / grad.norm().clamp_min(1e-30)
+    while evals < max_evals and float(grad.abs().max()) > tolerance:
+        slope = float(grad.flatten() @ direction.flatten())
+        if not slope < 0:  # not a descent direction (numerical trouble): restart from the gradient
+            pairs.clear()
+            direction = -grad / grad.norm().clamp_min(1e-30)
+            slope = float(grad.flatten() @ direction.flatten())
+        t, accepted = lr, False
+        while evals < max_evals:
+            z_new = z + t * direction
+            loss_new, grad_new = evaluate(z_new)
+            evals += 1
+            if loss_new < best_loss:
+                best, best_loss = z_new.clone(), loss_new
+            if loss_new <= loss + c1 * t * slope:
+                accepted = True
+                break
+            t *= shrink
+        if not accepted:
+            break
+        s, y = (z_new - z).flatten(), (grad_new - grad).flatten()
+        sy = float(s @ y)
+        if sy > 1e-10 * float(y @ y):
+            pairs.append((s, y, 1.0 / sy))
+            del pairs[:-history]
+        change = abs(loss - loss_new)
+        z, loss, grad = z_new, loss_new, grad_new
+        if change < tolerance:
+            break
+        # two-loop recursion: direction = -H grad
+        q = grad.flatten().clone()
+        alphas = []
+        for s_i, y_i, rho_i in reversed(pairs):
+            a = rho_i * float(s_i @ q)
+            alphas.append(a)
+            q.sub_(y_i, alpha=a)
+        if pairs:
+            s_k, y_k, _ = pairs[-1]
+            q.mul_(float(s_k @ y_k) / float(y_k @ y_k))
+        for (s_i, y_i, rho_i), a in zip(pairs, reversed(alphas)):
+            b = rho_i * float(y_i @ q)
+            q.add_(s_i, alpha=a - b)
+        direction = -q.view_as(z)
+        if not pairs:
+            direction = direction / direction.norm().clamp_min(1e-30)
+    return best, best_loss, evals

@@ -85,6 +85,8 @@ class RoundResult:
     downlink_bytes: int
     failed: list = field(default_factory=list)  # {"client", "reason"} of each client that failed
     finished: dict = field(default_factory=dict)  # DPPF: client -> its model after the local steps
+    # 3SFC / FedSynth: each payload's cosine with the vector it encodes (update + residual)
+    encode_cos: list = field(default_factory=list)
 
 
 def partition_for(cfg: Config, labels: Tensor) -> list[list[int]]:

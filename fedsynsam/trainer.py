@@ -80,6 +80,8 @@ def build_uplink(cfg: Config, model=None, spec=None, data: Dataset | None = None
                 samples=cfg.sfc_samples,
                 iters=cfg.sfc_iters,
                 lr=cfg.sfc_lr,
+                encoder=cfg.sfc_encoder,
+                labels=cfg.sfc_labels,
                 **common,
             )
         return FedSynth(
@@ -91,6 +93,8 @@ def build_uplink(cfg: Config, model=None, spec=None, data: Dataset | None = None
             batch_size=cfg.fedsynth_batch_size,
             iters=cfg.fedsynth_iters,
             lr=cfg.fedsynth_lr,
+            encoder=cfg.fedsynth_encoder,
+            labels=cfg.fedsynth_labels,
             init_step=cfg.lr,
             **common,
         )
@@ -243,7 +247,7 @@ class Trainer:
         (one batched op per round for every fedcomp compressor), each payload through the bytes."""
         cfg, st = self.cfg, self.state
         perturbation, momentum = perturbation_for(cfg, plan, self.spec), momentum_for(cfg, plan, self.spec)
-        losses, down, finished = [], 0, {}
+        losses, down, finished, encode_cos = [], 0, {}, []
         deltas = st.w.new_empty((len(plan.clients), self.numel))  # row j: client j's update
         for j, c in enumerate(plan.clients):
             down += self.downlink_bytes(plan, c)
@@ -272,14 +276,17 @@ class Trainer:
             sent = self.uplink.compress_many(deltas, keys)
         elif isinstance(self.uplink, fedcomp.Compressor):  # no error feedback: batched too
             sent = self.uplink.compress_many(deltas)
-        else:
-            sent = [compress_one(self.uplink, d, key, st.w) for d, key in zip(deltas, keys)]
+        else:  # 3SFC / FedSynth: one client at a time; each payload's cosine with what it encodes
+            sent, encode_cos = [], []
+            for d, key in zip(deltas, keys):
+                sent.append(compress_one(self.uplink, d, key, st.w))
+                encode_cos.append(self.uplink.last_cos)
         tic3 = time.perf_counter()
         # the only device -> host copy of the round's uploads, then back as a receiver would
         payloads = [fedcomp.Payload.from_bytes(p.to_bytes(), device=self.device) for p in sent]
         self.timings["compress"] += tic3 - tic2
         self.timings["wire"] += time.perf_counter() - tic3
-        return RoundResult(payloads, losses, down, finished=finished)
+        return RoundResult(payloads, losses, down, finished=finished, encode_cos=encode_cos)
 
     def run_round(self, clients=None) -> dict:
         """One round; ``clients`` runs the sampled clients (default: :meth:`run_clients`, in process)."""
@@ -297,7 +304,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         t, start = plan.round, time.perf_counter() if start is None else start
         payloads, down = result.payloads, result.downlink_bytes
-        tic = time.perf_counter()
+        tic, downlink_cos = time.perf_counter(), None
         if payloads:
             if isinstance(self.uplink, ModelCompressor):
                 update = torch.stack([self.uplink.decode(p, st.w) for p in payloads]).mean(0)
@@ -310,6 +317,7 @@ class Trainer:
                     self.downlink.compress(update, "server", st.w).to_bytes(), device=self.device
                 )
                 update = self.downlink.decode(broadcast, st.w)
+                downlink_cos = self.downlink.last_cos
                 down += len(plan.clients) * broadcast.nbytes
             st.w.add_(update)
             st.u_prev = update
@@ -349,6 +357,10 @@ class Trainer:
         )
         if cosines is not None:
             record["estimate"] = cosines
+        if result.encode_cos:  # 3SFC / FedSynth: how much of the clients' updates the payloads carried
+            record["encode_cos"] = sum(result.encode_cos) / len(result.encode_cos)
+        if downlink_cos is not None:
+            record["downlink_encode_cos"] = downlink_cos
         if result.failed:
             record["failed_clients"] = result.failed
         if cfg.algorithm == "dppf" and st.workers:
@@ -529,6 +541,7 @@ class Trainer:
             "final_test_acc": evaluated[-1]["test_acc"],
             "final_test_loss": evaluated[-1]["test_loss"],
             "mean_test_acc_last5": sum(r["test_acc"] for r in tail) / len(tail),
+            "mean_test_acc": sum(r["test_acc"] for r in evaluated) / len(evaluated),  # over the evaluated rounds
             "best_test_acc": max(r["test_acc"] for r in evaluated),
             "total_uplink_bytes": sum(r["uplink_bytes"] for r in records),
             "total_downlink_bytes": sum(r["downlink_bytes"] for r in records),
@@ -538,6 +551,9 @@ class Trainer:
             "distillations": [list(x) for x in self.state.distill_losses],
             "config": self.cfg.to_dict(),
         }
+        encode = [r["encode_cos"] for r in records if r.get("encode_cos") is not None]
+        if encode:  # 3SFC / FedSynth: the payloads' mean cosine with what they encode, over rounds
+            summary["encode_cos_mean"] = sum(encode) / len(encode)
         summary["timings"] = dict(self.timings)  # seconds per part of the rounds run by this process
         if self.probe is not None:
             summary["estimate"] = summarize(records)

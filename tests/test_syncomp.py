@@ -12,7 +12,8 @@ from fedsynsam import algorithms as alg
 from fedsynsam.config import Config
 from fedsynsam.data import load_dataset
 from fedsynsam.models import build_model
-from fedsynsam.syncomp import FedSynth, ThreeSFC
+from fedsynsam.optim import lbfgs
+from fedsynsam.syncomp import ENCODER_DEFAULTS, FedSynth, ThreeSFC, label_loss
 from fedsynsam.trainer import Trainer
 
 DIGITS = load_dataset("digits")
@@ -48,6 +49,64 @@ def test_3sfc_cosine_is_far_above_a_random_direction(setting):
     assert _cos(decoded, g) > 0.3 and _cos(decoded, g) > 10 * rand, (_cos(decoded, g), rand)
 
 
+def test_lbfgs_encoder_fits_where_adam_does_not(setting):
+    """At the same 30 evaluations of the objective, L-BFGS with raw label targets carries a larger
+    share of the update than the former default (Adam, softmax targets), from every start."""
+    model, spec, w, g = setting
+    floor = 0.485
+
+    def cosines(**kwargs):
+        out = []
+        for seed in range(4):
+            comp = ThreeSFC(model, spec, (1, 8, 8), 10, iters=30, error_feedback=False, seed=seed, **kwargs)
+            comp.compress(g, "c", w)
+            out.append(comp.last_cos)
+        return out
+
+    new, old = cosines(encoder="lbfgs", labels="raw"), cosines(encoder="adam", labels="softmax")
+    assert min(new) > floor > max(old), (new, old)
+
+
+def test_last_cos_is_the_cosine_of_the_decoded_payload_with_its_target(setting):
+    model, spec, w, g = setting
+    comp = ThreeSFC(model, spec, (1, 8, 8), 10, iters=5)
+    comp.compress(g, "c", w)  # leaves a residual r
+    target = g + comp.residuals["c"]
+    payload = comp.compress(g, "c", w)
+    decoded = comp.decode(payload, w)
+    assert comp.last_cos == pytest.approx(_cos(decoded, target), abs=1e-6)
+    assert comp.last_cos > 0  # the least-squares scale points the decoding along the target
+
+
+def test_raw_labels_are_cross_entropy_with_the_targets_as_given():
+    gen = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(3, 10, generator=gen), torch.randn(3, 10, generator=gen)
+    assert torch.allclose(label_loss(logits, y, "raw"), F.cross_entropy(logits, y))
+    assert torch.allclose(label_loss(logits, y, "softmax"), F.cross_entropy(logits, y.softmax(1)))
+
+
+def test_lbfgs_minimises_a_quadratic_and_keeps_the_best_point():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    h = a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64)  # positive definite, condition ~ 100s
+    target = torch.randn(6, generator=gen, dtype=torch.float64)
+    seen = []
+
+    def evaluate(z):
+        d = z - target
+        seen.append(float(0.5 * d @ h @ d))
+        return seen[-1], h @ d
+
+    best, loss, evals = lbfgs(evaluate, torch.zeros(6, dtype=torch.float64), max_evals=60)
+    assert evals == len(seen) <= 60
+    assert loss == min(seen) and loss < 1e-12 * seen[0]
+    assert torch.allclose(best, target, atol=1e-5)
+    again = lbfgs(evaluate, torch.zeros(6, dtype=torch.float64), max_evals=60)
+    assert torch.equal(again[0], best)  # deterministic
+    with pytest.raises(ValueError, match="max_evals must be an integer >= 1"):
+        lbfgs(evaluate, torch.zeros(6), max_evals=0)
+
+
 def test_3sfc_error_feedback_residual_is_g_minus_s_ghat(setting):
     model, spec, w, g = setting
     comp = ThreeSFC(model, spec, (1, 8, 8), 10, samples=2, iters=10, lr=0.1)
@@ -61,11 +120,15 @@ def test_3sfc_error_feedback_residual_is_g_minus_s_ghat(setting):
     assert torch.allclose(comp.residuals["c"], g + before - comp.decode(p2, w))
 
 
-def test_fedsynth_replay_approaches_the_update(setting):
+@pytest.mark.parametrize("encoder, iters, lr", [("adam", 80, 0.05), ("lbfgs", 60, None)])
+def test_fedsynth_replay_approaches_the_update(setting, encoder, iters, lr):
     model, spec, w, g = setting
-    comp = FedSynth(model, spec, (1, 8, 8), 10, batches=2, batch_size=4, iters=80, lr=0.05, error_feedback=False)
+    comp = FedSynth(
+        model, spec, (1, 8, 8), 10, batches=2, batch_size=4, iters=iters, lr=lr, encoder=encoder, error_feedback=False
+    )
     trace = []
-    vector = comp._encode(g, w, torch.Generator().manual_seed(0), trace=trace)
+    vector = comp.encode(g, w, torch.Generator().manual_seed(0), trace=trace)
+    assert len(trace) <= iters + (encoder == "adam")
     assert min(trace[-10:]) < 0.7 * trace[0], (trace[0], min(trace[-10:]))
     assert comp.matching_error(vector, g, w) == pytest.approx(min(trace), rel=1e-5)
     payload = comp.compress(g, "c", w)
@@ -96,6 +159,8 @@ def test_payload_sizes_equal_the_formula(setting, make, floats):
         ({"iters": 0}, "iters must be an integer >= 1"),
         ({"lr": -1.0}, "lr must be a finite number > 0"),
         ({"lr": float("nan")}, "lr must be a finite number > 0"),
+        ({"encoder": "sgd"}, "unknown encoder 'sgd'; choose one of lbfgs, adam"),
+        ({"labels": "onehot"}, "unknown labels 'onehot'; choose one of raw, softmax"),
     ],
 )
 def test_3sfc_rejects_bad_hyperparameters(setting, kwargs, match):
@@ -120,11 +185,23 @@ def test_fedsynth_rejects_bad_hyperparameters(setting):
         ({"sfc_samples": 0}, "sfc_samples must be an integer >= 1"),
         ({"fedsynth_iters": 0}, "fedsynth_iters must be an integer >= 1"),
         ({"sfc_double_way": True, "compressor": "topk"}, "sfc_double_way needs compressor '3sfc'"),
+        ({"sfc_encoder": "newton"}, "unknown sfc_encoder 'newton'; choose one of lbfgs, adam"),
+        ({"fedsynth_labels": "hard"}, "unknown fedsynth_labels 'hard'; choose one of raw, softmax"),
+        ({"sfc_iters": -1}, "sfc_iters must be an integer >= 1"),
+        ({"sfc_lr": 0.0}, "sfc_lr must be in"),
     ],
 )
 def test_config_rejects_bad_hyperparameters(overrides, match):
     with pytest.raises(ValueError, match=match):
         Config(**overrides).validate()
+
+
+def test_config_resolves_the_encoder_defaults():
+    cfg = Config(compressor="3sfc").validate()
+    assert (cfg.sfc_encoder, cfg.sfc_labels) == ("lbfgs", "raw")
+    assert (cfg.sfc_iters, cfg.sfc_lr) == ENCODER_DEFAULTS["lbfgs"]
+    cfg = Config(compressor="fedsynth", fedsynth_encoder="adam", fedsynth_iters=7).validate()
+    assert (cfg.fedsynth_iters, cfg.fedsynth_lr) == (7, ENCODER_DEFAULTS["adam"][1])
 
 
 def test_pull_push_spread_settles_at_lambda_over_alpha():
@@ -169,6 +246,11 @@ def test_trainer_runs_and_resumes_with_the_new_systems(tmp_path, overrides):
     if cfg.compressor in ("3sfc", "fedsynth"):
         per_client = full.uplink.wire_bytes()
         assert all(r["uplink_bytes"] == 2 * per_client for r in records)
+        low = 0 if cfg.compressor == "3sfc" else -1  # 3SFC's scale makes it >= 0; a replay may point away
+        assert all(low <= r["encode_cos"] <= 1 for r in records)
+    else:
+        assert not any("encode_cos" in r for r in records)
+    assert all(("downlink_encode_cos" in r) == bool(cfg.sfc_double_way) for r in records)
     if cfg.sfc_double_way:
         assert all(r["downlink_bytes"] == 2 * full.downlink.wire_bytes() for r in records)
     if cfg.algorithm == "dppf":

@@ -25,6 +25,7 @@ from fedcomp.flower import pack_state, unpack_state
 from ..config import resolve_device
 from ..data import load_dataset
 from ..rounds import client_update, compress_one, counter, initial_model, partition_for
+from ..syncomp import ModelCompressor
 from ..synthetic import SyntheticSet
 from ..trainer import build_uplink
 from . import protocol
@@ -128,4 +129,6 @@ def train(msg: Message, context: Context) -> Message:
     context.state[protocol.RECORD] = state
     wire = payload.to_bytes() if fault is None else _faulty(fault, payload, delta, settings.round_timeout)
     reply = ConfigRecord({"payload": wire, "loss": float(loss), "client": client, "round": plan.round})
+    if isinstance(uplink, ModelCompressor):  # how much of the update the payload carried
+        reply["encode_cos"] = float(uplink.last_cos)
     return Message(RecordDict({protocol.RECORD: reply}), reply_to=msg)

@@ -102,7 +102,7 @@ class FlowerClients:
         by_node = {}
         for reply in self.grid.send_and_receive(list(msgs.values()), timeout=self.round_timeout):
             by_node[reply.metadata.src_node_id] = reply
-        payloads, losses, failed = [], [], []
+        payloads, losses, failed, encode_cos = [], [], [], []
         for c in plan.clients:
             reply = by_node.get(self.nodes[c])
             try:
@@ -123,8 +123,10 @@ class FlowerClients:
                 continue
             payloads.append(payload)
             losses.append(float(fields["loss"]))
+            if "encode_cos" in fields:
+                encode_cos.append(float(fields["encode_cos"]))
             self.accepted[c] = plan.round
-        return RoundResult(payloads, losses, down, failed=failed)
+        return RoundResult(payloads, losses, down, failed=failed, encode_cos=encode_cos)
 
 
 def _wire_size(obj) -> int:
