@@ -176,11 +176,13 @@ class ModelCompressor:
     def compress(self, delta: Tensor, key: str, w: Tensor) -> fedcomp.Payload:
         """Encode ``delta`` (+ the residual of ``key``) at global model ``w``; updates the residual
         and :attr:`last_cos`."""
-        g = delta.float()
+        # a fresh tensor: a row of the trainer's [clients, numel] buffer starts at an address whose
+        # alignment changes how BLAS sums the dot products, hence the bits of the encoding
+        g = delta.float().clone()
         if self.error_feedback:
             r = self.residuals.get(key)
             if r is not None:
-                g = g + r
+                g += r
         vector = self.encode(g, w.detach(), self._generator())
         payload = fedcomp.Payload("identity", torch.float32, vector.numel(), {}, (vector,))
         decoded = self.decode(payload, w)

@@ -57,13 +57,15 @@ def _in_process(cfg, clients=None) -> tuple[list[dict], Trainer]:
 
 @pytest.mark.parametrize(
     "algorithm, compressor, extra",
-    [("fedavg", "topk", {}), ("fedsynsam", "sign", {})],
+    [("fedavg", "topk", {}), ("fedsynsam", "sign", {}), ("fedavg", "3sfc", {"sfc_iters": 5})],
 )
 def test_flower_run_equals_the_in_process_run(federation, tmp_path, algorithm, compressor, extra):
     cfg = _cfg(algorithm=algorithm, compressor=compressor, **extra)
     flower = _flower_run(federation, tmp_path, cfg)
     local, trainer = _in_process(cfg)
     assert strip_seconds(flower) == strip_seconds(local)
+    if compressor == "3sfc":  # the nodes' encode cosines came back and agree with the in-process ones
+        assert all(0 < r["encode_cos"] <= 1 for r in flower)
     if algorithm == "fedsynsam":
         assert flower[-1]["perturbation"] == "synthetic"  # the nodes used the distilled set
     final = torch.load(tmp_path / "out" / "final_model.pt", weights_only=True)["w"]

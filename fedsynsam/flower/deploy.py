@@ -21,7 +21,12 @@ import time
 import uuid
 from pathlib import Path
 
-__all__ = ["LocalFederation", "FlowerRunError", "flwr_run", "free_port", "flwr_bin"]
+__all__ = ["LocalFederation", "FlowerRunError", "flwr_run", "free_port", "flwr_bin", "LATENCY_ENV"]
+
+# The environment that shortens a round (flwr 1.42): each SuperNode's SuperExec looks for new
+# ClientApp tasks every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (default 1; 0.01-60 allowed),
+# and with telemetry on every short-lived flwr process may wait on exit to send its event.
+LATENCY_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "FLWR_TELEMETRY_ENABLED": "0"}
 
 CONNECTION = "fedsynsam-local"
 _MARK = "FEDSYNSAM_FEDERATION"
@@ -140,6 +145,7 @@ class LocalFederation:
     """
 
     def __init__(self, supernodes: int, workdir, *, env: dict | None = None, startup_timeout: float = 60.0):
+        # LATENCY_ENV first: what the caller's environment or ``env`` sets wins
         if isinstance(supernodes, bool) or not isinstance(supernodes, int) or supernodes < 1:
             raise ValueError(f"supernodes must be an integer >= 1; got {supernodes!r}")
         self.supernodes, self.workdir = supernodes, Path(workdir)
@@ -150,6 +156,7 @@ class LocalFederation:
         self.runs = 0
         bindir = str(Path(sys.executable).parent)  # SuperNodes start flower-superexec by name
         self.env = {
+            **LATENCY_ENV,
             **os.environ,
             **(env or {}),
             "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),

@@ -37,12 +37,40 @@ def _log(line: str) -> None:
 class FlowerClients:
     """Runs a round's sampled clients on the SuperNodes that hold their partitions."""
 
-    def __init__(self, grid: Grid, trainer: Trainer, *, round_timeout: float, connect_timeout: float, log=_log):
+    def __init__(
+        self,
+        grid: Grid,
+        trainer: Trainer,
+        *,
+        round_timeout: float,
+        connect_timeout: float,
+        poll_interval: float = 0.1,
+        log=_log,
+    ):
         self.grid, self.trainer, self.log = grid, trainer, log
-        self.round_timeout = round_timeout
+        self.round_timeout, self.poll_interval = round_timeout, poll_interval
         self.nodes = self._discover(trainer.cfg.clients, connect_timeout)
         self.accepted: dict[int, int] = {}  # client -> last round whose payload was aggregated
         self.message_bytes = {"down": 0, "up": 0}  # Flower's serialised messages, for the benchmark
+
+    def exchange(self, messages: list[Message], timeout: float) -> list[Message]:
+        """Push ``messages``, then pull their replies every ``poll_interval`` seconds until every one
+        has come back or ``timeout`` seconds have passed; returns the replies that came.
+
+        Flower's ``Grid.send_and_receive`` does the same with a fixed 3 s between pulls, so a round
+        lasted a multiple of 3 s whatever its clients took.
+        """
+        pending = set(self.grid.push_messages(messages))
+        replies, deadline = [], time.monotonic() + timeout
+        while pending:
+            came = list(self.grid.pull_messages(pending))
+            replies += came
+            pending -= {m.metadata.reply_to_message_id for m in came}
+            left = deadline - time.monotonic()
+            if not pending or left <= 0:
+                break
+            time.sleep(min(self.poll_interval, left))
+        return replies
 
     def _discover(self, clients: int, timeout: float) -> dict[int, int]:
         """``partition-id -> node id`` for every partition, asking each connected node once."""
@@ -54,7 +82,7 @@ class FlowerClients:
             asked.update(new)
             msgs = [Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY, ttl=timeout) for n in new]
             left = max(deadline - time.monotonic(), 1.0)
-            for reply in self.grid.send_and_receive(msgs, timeout=left) if msgs else ():
+            for reply in self.exchange(msgs, left) if msgs else ():
                 node = reply.metadata.src_node_id
                 if reply.has_error():
                     raise ValueError(f"SuperNode {node} cannot serve this run: {_reason(reply)}")
@@ -100,7 +128,7 @@ class FlowerClients:
         if seeded is not None:  # the clients used calls first_call .. first_call + m - 1
             seeded.calls = plan.first_call + len(plan.clients)
         by_node = {}
-        for reply in self.grid.send_and_receive(list(msgs.values()), timeout=self.round_timeout):
+        for reply in self.exchange(list(msgs.values()), self.round_timeout):
             by_node[reply.metadata.src_node_id] = reply
         payloads, losses, failed, encode_cos = [], [], [], []
         for c in plan.clients:
@@ -146,7 +174,11 @@ def main(grid: Grid, context: Context) -> None:
     trainer = Trainer(cfg, settings.out, log=_log)
     _log(f"{cfg.algorithm}/{cfg.compressor}, {cfg.rounds} rounds, {cfg.per_round} of {cfg.clients} clients per round")
     clients = FlowerClients(
-        grid, trainer, round_timeout=settings.round_timeout, connect_timeout=settings.connect_timeout
+        grid,
+        trainer,
+        round_timeout=settings.round_timeout,
+        connect_timeout=settings.connect_timeout,
+        poll_interval=settings.poll_interval,
     )
     start = time.perf_counter()
     records = trainer.run(progress=False, clients=_Logged(clients, cfg.rounds))

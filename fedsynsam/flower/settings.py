@@ -30,12 +30,13 @@ class AppSettings:
     out: str = "runs/flower"  # output folder on the SuperLink's machine (relative: to its working directory)
     round_timeout: float = 120.0  # seconds the server waits for a round's replies; later ones are dropped
     connect_timeout: float = 120.0  # seconds the server waits for one SuperNode per partition
+    poll_interval: float = 0.1  # seconds between the server's pulls for replies (Flower's own: 3 s)
     inject_faults: str = ""  # testing fault handling: "KIND:CLIENT@ROUND,..." (see parse_faults)
 
     def validate(self) -> AppSettings:
         if not isinstance(self.out, str) or not self.out:
             raise ValueError(f"out must be a folder path (a non-empty string); got {self.out!r}")
-        for name in ("round_timeout", "connect_timeout"):
+        for name in ("round_timeout", "connect_timeout", "poll_interval"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < math.inf):
                 raise ValueError(f"{name} must be a number of seconds > 0; got {v!r}")
