@@ -4,7 +4,7 @@
 
 The setting is issue 29's (the one the 3SFC authors' code was run in): mnist5k, the
 784-128-128-10 MLP, 10 clients on a Dirichlet(1) partition, every client every round, one
-epoch of local SGD per round (6 steps of 64 samples, lr 0.01). An uncompressed FedAvg run
+30 local SGD steps of 64 samples per round at lr 0.01 (docs/sfc.toml). An uncompressed FedAvg run
 produces the updates; at each round listed, every client's update is encoded by every encoder
 (one thread, no error feedback, so each encode sees a plain update), and the table reports the
 cosine between what the payload decodes to and the update (|cos| for 3SFC, the quantity its
@@ -54,7 +54,7 @@ def setting(seed: int) -> Config:
         per_round=10,
         alpha=1.0,
         rounds=100,
-        local_steps=6,
+        local_steps=30,
         batch_size=64,
         lr=0.01,
         seed=seed,

@@ -120,6 +120,11 @@ def cosine(a: Tensor, b: Tensor) -> float:
 class ModelCompressor:
     """Base of the model-as-decompressor compressors; per-key error-feedback residuals.
 
+    ``model`` (its layout ``spec``) is the decompressor, evaluated at the flat global model;
+    ``input_shape`` and ``num_classes`` shape the synthetic samples. ``encoder``, ``labels``:
+    see the module docstring; ``iters`` and ``lr`` default to the encoder's
+    (:data:`ENCODER_DEFAULTS`). ``seed`` numbers the random starts (one draw per call).
+
     Subclasses define ``floats``, ``_start`` (the random initial encoding), ``_loss`` (the
     encoder's objective of an encoding vector, to minimise), ``_finish`` (the sent vector of the
     best encoding) and ``_decode``. The encoder optimises one flat vector of the samples' floats.
@@ -134,17 +139,19 @@ class ModelCompressor:
         input_shape,
         num_classes: int,
         *,
-        iters: int,
-        lr: float,
+        iters: int | None = None,
+        lr: float | None = None,
         encoder: str = "lbfgs",
         labels: str = "raw",
         error_feedback: bool = True,
         seed: int = 0,
     ):
-        _check_positive_int("iters", iters)
-        _check_positive_int("num_classes", num_classes, 2)
         _check_choice("encoder", encoder, ENCODERS)
         _check_choice("labels", labels, LABELS)
+        iters = ENCODER_DEFAULTS[encoder][0] if iters is None else iters
+        lr = ENCODER_DEFAULTS[encoder][1] if lr is None else lr
+        _check_positive_int("iters", iters)
+        _check_positive_int("num_classes", num_classes, 2)
         if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a finite number > 0; got {lr!r}")
         self.model, self.spec = model, spec
@@ -252,28 +259,10 @@ class ThreeSFC(ModelCompressor):
         num_classes,
         *,
         samples: int = 1,
-        iters: int | None = None,
-        lr: float | None = None,
-        encoder: str = "lbfgs",
-        labels: str = "raw",
-        error_feedback: bool = True,
-        seed: int = 0,
+        **common,
     ):
-        _check_choice("encoder", encoder, ENCODERS)
-        iters = ENCODER_DEFAULTS[encoder][0] if iters is None else iters
-        lr = ENCODER_DEFAULTS[encoder][1] if lr is None else lr
-        super().__init__(
-            model,
-            spec,
-            input_shape,
-            num_classes,
-            iters=iters,
-            lr=lr,
-            encoder=encoder,
-            labels=labels,
-            error_feedback=error_feedback,
-            seed=seed,
-        )
+        """``common``: :class:`ModelCompressor`'s keyword arguments."""
+        super().__init__(model, spec, input_shape, num_classes, **common)
         _check_positive_int("samples", samples)
         self.samples = samples
 
@@ -324,29 +313,12 @@ class FedSynth(ModelCompressor):
         *,
         batches: int = 1,
         batch_size: int = 1,
-        iters: int | None = None,
-        lr: float | None = None,
         init_step: float = 0.05,
-        encoder: str = "lbfgs",
-        labels: str = "raw",
-        error_feedback: bool = True,
-        seed: int = 0,
+        **common,
     ):
-        _check_choice("encoder", encoder, ENCODERS)
-        iters = ENCODER_DEFAULTS[encoder][0] if iters is None else iters
-        lr = ENCODER_DEFAULTS[encoder][1] if lr is None else lr
-        super().__init__(
-            model,
-            spec,
-            input_shape,
-            num_classes,
-            iters=iters,
-            lr=lr,
-            encoder=encoder,
-            labels=labels,
-            error_feedback=error_feedback,
-            seed=seed,
-        )
+        """``init_step``: the step size the replay starts from; ``common``: :class:`ModelCompressor`'s
+        keyword arguments."""
+        super().__init__(model, spec, input_shape, num_classes, **common)
         _check_positive_int("batches", batches)
         _check_positive_int("batch_size", batch_size)
         if not init_step > 0:
