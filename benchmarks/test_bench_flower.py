@@ -10,6 +10,8 @@ round's record (server side: plan, the clients' round trip, aggregation, evaluat
 the rounds after the first (the first round starts the ClientApp machinery). The Flower round
 includes what a deployment pays and the in-process loop does not: each SuperNode polls the
 SuperLink (every few seconds) and starts a ClientApp process per message (importing torch).
+Each reply carries the ClientApp's timestamps, so the table "where a Flower round goes" splits a
+message's life into its phases (``PHASES``; from ``flower_timings.jsonl`` in the run's output).
 
 Under ``--benchmark-disable`` (the test suite's smoke run) the setting shrinks to 3 clients and
 3 rounds. Run with ``pytest benchmarks/test_bench_flower.py --benchmark-only``.
@@ -72,6 +74,26 @@ def federation(setting, in_process, tmp_path_factory):
     assert fed.alive() == [], "processes of the federation outlived it"
 
 
+PHASES = [  # (label, from, to) in out/flower_timings.jsonl
+    ("SuperNode picks the message up, ClientApp process starts", "pushed", "process_start"),
+    ("imports (flwr, torch, fedcomp, fedsynsam)", "process_start", "imported"),
+    ("flwr hands the message to the app", "imported", "train_start"),
+    ("local steps + compression", "train_start", "train_end"),
+    ("reply reaches the ServerApp", "train_end", "seen"),
+]
+
+
+def phases(path) -> dict[str, float]:
+    """Median seconds of each phase over the messages of rounds 2 on (one line per client and round)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    later = [r for r in rows if r["round"] > 1] or rows
+    out = {}
+    for label, a, b in PHASES:
+        spans = [r[b] - r[a] for r in later if r[a] is not None and r[b] is not None]
+        out[label] = statistics.median(spans) if spans else float("nan")
+    return out
+
+
 def _per_round(records: list[dict]) -> float:
     later = [r["seconds"] for r in records[1:]] or [records[0]["seconds"]]
     return statistics.median(later)
@@ -94,7 +116,15 @@ def test_flower_round_overhead(benchmark, table, in_process, federation, setting
     assert wire["payload_bytes"]["down"] == sum(r["downlink_bytes"] for r in inproc)
 
     t_in, t_fl = _per_round(inproc), _per_round(records)
-    benchmark.extra_info.update(inproc_s_per_round=t_in, flower_s_per_round=t_fl, **wire)
+    spent = phases(out / "flower_timings.jsonl")
+    benchmark.extra_info.update(inproc_s_per_round=t_in, flower_s_per_round=t_fl, phases=spent, **wire)
+    for label, seconds in spent.items():
+        table(
+            f"where a Flower round goes: median seconds per message over rounds 2-{rounds} "
+            f"({per_round} messages per round side by side; a round lasts about its slowest)",
+            ["algorithm", "phase", "s"],
+            [algorithm, label, seconds],
+        )
     per_msg = rounds * per_round
     table(
         f"fedsynsam on Flower vs in-process: {clients} clients, {per_round} per round, top-k + EF, "

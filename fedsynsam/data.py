@@ -82,16 +82,18 @@ def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[n
 
 
 def _digits() -> Dataset:
-    try:
-        from importlib.resources import files
+    # found without importing scikit-learn: that import costs seconds, which every Flower
+    # ClientApp process (one per message) paid
+    import importlib.util
 
-        path = files("sklearn.datasets") / "data" / "digits.csv.gz"
-        raw = path.read_bytes()
-    except (ImportError, ModuleNotFoundError, FileNotFoundError) as e:
+    spec = importlib.util.find_spec("sklearn")
+    path = None if spec is None else Path(list(spec.submodule_search_locations)[0], "datasets", "data", "digits.csv.gz")
+    if path is None or not path.is_file():
         raise RuntimeError(
             "the embedded 'digits' dataset is read from scikit-learn's wheel; install it with "
             "`pip install scikit-learn` (or `pip install fedcomp[train]`)"
-        ) from e
+        )
+    raw = path.read_bytes()
     table = np.loadtxt(io.BytesIO(gzip.decompress(raw)), delimiter=",")
     x, y = table[:, :64].reshape(-1, 1, 8, 8) / 16.0, table[:, 64].astype(np.int64)
     tr, te = _stratified_split(y, 0.2, seed=0)

@@ -13,6 +13,7 @@ as it was before that round.
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -36,6 +37,17 @@ __all__ = ["app"]
 app = ClientApp()
 
 _cache: dict = {}  # one ClientApp process may serve several messages: data and model once per run
+_IMPORTED = time.time()  # when this module (and torch, fedcomp, fedsynsam) finished importing
+
+
+def _process_start() -> float:
+    """When this process started, in epoch seconds (Linux: /proc, 10 ms resolution); NaN elsewhere."""
+    try:
+        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc(5): starttime
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + since_boot
+    except (OSError, ValueError, IndexError, AttributeError):
+        return float("nan")
 
 
 def _node(context: Context):
@@ -99,6 +111,7 @@ def _faulty(kind: str, payload: fedcomp.Payload, delta: torch.Tensor, timeout: f
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local steps of the round's plan, then the update compressed; the payload goes back as bytes."""
+    started = time.time()
     client, (cfg, settings, device, data, model, spec, idx) = _node(context)
     fields = msg.content[protocol.RECORD]
     state = context.state.config_records.get(protocol.RECORD, ConfigRecord())
@@ -131,4 +144,7 @@ def train(msg: Message, context: Context) -> Message:
     reply = ConfigRecord({"payload": wire, "loss": float(loss), "client": client, "round": plan.round})
     if isinstance(uplink, ModelCompressor):  # how much of the update the payload carried
         reply["encode_cos"] = float(uplink.last_cos)
+    # where a round's time goes (the server writes them to flower_timings.jsonl): process start,
+    # imports done, this message's handling from start to end, in epoch seconds
+    reply["timing"] = [_process_start(), _IMPORTED, started, time.time()]
     return Message(RecordDict({protocol.RECORD: reply}), reply_to=msg)

@@ -12,6 +12,7 @@ in-process client loop. A client whose reply is an error, fails the payload chec
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ class FlowerClients:
     ):
         self.grid, self.trainer, self.log = grid, trainer, log
         self.round_timeout, self.poll_interval = round_timeout, poll_interval
+        self.pushed, self.seen = 0.0, {}  # when the last exchange pushed; message id -> reply seen
         self.nodes = self._discover(trainer.cfg.clients, connect_timeout)
         self.accepted: dict[int, int] = {}  # client -> last round whose payload was aggregated
         self.message_bytes = {"down": 0, "up": 0}  # Flower's serialised messages, for the benchmark
@@ -60,10 +62,12 @@ class FlowerClients:
         Flower's ``Grid.send_and_receive`` does the same with a fixed 3 s between pulls, so a round
         lasted a multiple of 3 s whatever its clients took.
         """
+        self.pushed = time.time()
         pending = set(self.grid.push_messages(messages))
         replies, deadline = [], time.monotonic() + timeout
         while pending:
             came = list(self.grid.pull_messages(pending))
+            self.seen.update((m.metadata.reply_to_message_id, time.time()) for m in came)
             replies += came
             pending -= {m.metadata.reply_to_message_id for m in came}
             left = deadline - time.monotonic()
@@ -127,9 +131,10 @@ class FlowerClients:
         seeded = counter(uplink)
         if seeded is not None:  # the clients used calls first_call .. first_call + m - 1
             seeded.calls = plan.first_call + len(plan.clients)
-        by_node = {}
+        by_node, self.seen = {}, {}
         for reply in self.exchange(list(msgs.values()), self.round_timeout):
             by_node[reply.metadata.src_node_id] = reply
+        self._log_timings(plan, by_node)
         payloads, losses, failed, encode_cos = [], [], [], []
         for c in plan.clients:
             reply = by_node.get(self.nodes[c])
@@ -155,6 +160,27 @@ class FlowerClients:
                 encode_cos.append(float(fields["encode_cos"]))
             self.accepted[c] = plan.round
         return RoundResult(payloads, losses, down, failed=failed, encode_cos=encode_cos)
+
+    def _log_timings(self, plan: RoundPlan, by_node: dict) -> None:
+        """One line per replying client in ``out/flower_timings.jsonl`` (epoch seconds): when the
+        server pushed, when the ClientApp process started, finished importing, started and ended
+        this message, and when the server saw the reply. Same-machine clocks only (loopback)."""
+        out = self.trainer.out
+        if out is None:
+            return
+        lines = []
+        for c in plan.clients:
+            reply = by_node.get(self.nodes[c])
+            if reply is None or reply.has_error() or "timing" not in reply.content[protocol.RECORD]:
+                continue
+            process, imported, start, end = (float(t) for t in reply.content[protocol.RECORD]["timing"])
+            seen = self.seen.get(reply.metadata.reply_to_message_id, float("nan"))
+            times = dict(pushed=self.pushed, process_start=process, imported=imported, train_start=start)
+            times.update(train_end=end, seen=seen)
+            times = {k: None if math.isnan(v) else v for k, v in times.items()}
+            lines.append(json.dumps({"round": plan.round + 1, "client": c, **times}))
+        with open(out / "flower_timings.jsonl", "a") as f:
+            f.write("".join(line + "\n" for line in lines))
 
 
 def _wire_size(obj) -> int:
