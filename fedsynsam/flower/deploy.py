@@ -142,10 +142,12 @@ class LocalFederation:
             the Flower configuration (``flwr-home/``).
         env: extra environment for every process (e.g. ``OMP_NUM_THREADS=1``).
         startup_timeout: seconds to wait for the SuperLink to listen.
+
+    Every process gets :data:`LATENCY_ENV` and ``OMP_NUM_THREADS`` = the machine's cores divided
+    by ``supernodes`` (at least 1), unless this process's environment or ``env`` sets them.
     """
 
     def __init__(self, supernodes: int, workdir, *, env: dict | None = None, startup_timeout: float = 60.0):
-        # LATENCY_ENV first: what the caller's environment or ``env`` sets wins
         if isinstance(supernodes, bool) or not isinstance(supernodes, int) or supernodes < 1:
             raise ValueError(f"supernodes must be an integer >= 1; got {supernodes!r}")
         self.supernodes, self.workdir = supernodes, Path(workdir)
@@ -155,8 +157,11 @@ class LocalFederation:
         self.port: int | None = None
         self.runs = 0
         bindir = str(Path(sys.executable).parent)  # SuperNodes start flower-superexec by name
+        # N SuperNodes share this machine: split its cores between them unless told otherwise
+        threads = str(max(1, (os.cpu_count() or 1) // supernodes))
         self.env = {
             **LATENCY_ENV,
+            "OMP_NUM_THREADS": threads,
             **os.environ,
             **(env or {}),
             "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
