@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/sfc_encoders.py [--seed 0] [--rounds 1 25 50] [--json F]
 
 The setting is issue 29's (the one the 3SFC authors' code was run in): mnist5k, the
-784-128-128-10 MLP, 10 clients on a Dirichlet(1) partition, every client every round, one
-30 local SGD steps of 64 samples per round at lr 0.01 (docs/sfc.toml). An uncompressed FedAvg run
+784-128-128-10 MLP, 10 clients on a Dirichlet(1) partition, every client every round, 30
+local SGD steps of 64 samples per round at lr 0.01 (docs/sfc.toml). An uncompressed FedAvg run
 produces the updates; at each round listed, every client's update is encoded by every encoder
 (one thread, no error feedback, so each encode sees a plain update), and the table reports the
 cosine between what the payload decodes to and the update (|cos| for 3SFC, the quantity its
