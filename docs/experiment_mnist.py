@@ -175,8 +175,9 @@ class Results:
 
         grid, a, c, s = key
         want = Config.from_dict({**BASE, **_grid(grid).overrides, "algorithm": a, "compressor": c, "seed": s})
-        want = want.validate().to_dict()
-        diff = sorted(k for k, v in summary.get("config", {}).items() if v != want.get(k) and k not in EXECUTION_ONLY)
+        want = want.validate()
+        ignore = EXECUTION_ONLY + want.unused()
+        diff = sorted(k for k, v in summary.get("config", {}).items() if v != want.to_dict().get(k) and k not in ignore)
         if diff:
             raise ValueError(f"{where} was run with other settings than grid {grid} ({', '.join(diff)})")
 

@@ -67,7 +67,8 @@ def run_grid(
         summary = run_dir / "summary.json"
         if summary.is_file():
             saved = json.loads(summary.read_text())["config"]
-            diff = sorted(k for k in saved if saved[k] != cfg.to_dict().get(k) and k not in EXECUTION_ONLY)
+            ignore = EXECUTION_ONLY + cfg.unused()
+            diff = sorted(k for k in saved if saved[k] != cfg.to_dict().get(k) and k not in ignore)
             if diff:
                 raise ValueError(
                     f"{run_dir} holds a finished run with other settings ({', '.join(diff)}); use another --out"

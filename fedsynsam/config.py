@@ -137,6 +137,14 @@ class Config(Settings):
     # the oracle synthetic set's (fedsynsam.estimate)
     diagnose: str = ""
 
+    def unused(self) -> tuple[str, ...]:
+        """The settings of the compressors this run does not use (``sfc_*`` unless it uses 3SFC,
+        ``fedsynth_*`` unless FedSynth): they cannot change it, so a checkpoint or finished run
+        matches a config that differs only in them (runs saved before the encoders' defaults
+        changed keep resuming)."""
+        prefixes = tuple(p for p, used in (("sfc_", "3sfc"), ("fedsynth_", "fedsynth")) if self.compressor != used)
+        return tuple(f.name for f in fields(self) if f.name.startswith(prefixes)) if prefixes else ()
+
     def validate(self) -> Config:
         """Raise ValueError naming the setting and its valid range or choices."""
         check_choices(

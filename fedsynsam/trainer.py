@@ -448,7 +448,7 @@ class Trainer:
     def load_checkpoint(self, ckpt: dict) -> None:
         """Continue from :meth:`checkpoint`'s dict (its tensors may be on any device: they are moved)."""
         ckpt = checkpoints.to_device(ckpt, self.device)
-        checkpoints.check_same_config(ckpt["config"], self.cfg.to_dict(), NOT_IDENTITY)
+        checkpoints.check_same_config(ckpt["config"], self.cfg.to_dict(), NOT_IDENTITY + self.cfg.unused())
         st = self.state
         st.round, st.w, st.u_prev = ckpt["round"], ckpt["w"].clone(), ckpt["u_prev"]
         st.trajectory = [t.clone() for t in ckpt["trajectory"]]

@@ -256,3 +256,21 @@ def test_trainer_runs_and_resumes_with_the_new_systems(tmp_path, overrides):
     if cfg.algorithm == "dppf":
         assert all(r["worker_spread"] > 0 for r in records)
         assert all(r["downlink_bytes"] == 2 * fedcomp.Identity().wire_bytes(full.numel) for r in records)
+
+
+def test_unused_compressor_settings_do_not_block_a_resume(tmp_path):
+    """A run saved before the encoders' defaults changed (sfc_lr 0.1 then) resumes when it does
+    not use 3SFC; a 3SFC run whose encoder settings differ is refused, naming them."""
+    base = dict(rounds=3, clients=4, per_round=2, local_steps=2)
+    old = Config(compressor="topk", sfc_lr=0.1, fedsynth_iters=7, **base).validate()
+    Trainer(old, tmp_path / "topk", dataset=DIGITS).run(progress=False, stop_after=1)
+    now = Config(compressor="topk", **base).validate()
+    assert "sfc_lr" in now.unused() and "fedsynth_iters" in now.unused() and "ratio" not in now.unused()
+    records = Trainer(now, tmp_path / "topk", dataset=DIGITS).run(progress=False, resume=True)
+    assert [r["round"] for r in records] == [1, 2, 3]
+    old = Config(compressor="3sfc", sfc_iters=3, sfc_lr=0.5, **base).validate()
+    Trainer(old, tmp_path / "3sfc", dataset=DIGITS).run(progress=False, stop_after=1)
+    now = Config(compressor="3sfc", sfc_iters=3, **base).validate()
+    assert "sfc_lr" not in now.unused() and "fedsynth_lr" in now.unused()
+    with pytest.raises(ValueError, match="sfc_lr"):
+        Trainer(now, tmp_path / "3sfc", dataset=DIGITS).run(progress=False, resume=True)
