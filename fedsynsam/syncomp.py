@@ -67,7 +67,7 @@ LABELS = ("raw", "softmax")
 ENCODER_DEFAULTS = {"lbfgs": (30, 1.0), "adam": (30, 0.1)}
 
 
-def label_loss(logits: Tensor, y: Tensor, labels: str = "raw") -> Tensor:
+def label_loss(logits: Tensor, y: Tensor, labels: str = "softmax") -> Tensor:
     """The synthetic samples' loss: ``-mean_i sum_c t_ic log_softmax(logits)_ic`` with targets
     ``t = y`` (``labels="raw"``) or ``t = softmax(y)`` (``"softmax"``). ``logits, y``: ``[m, C]``."""
     if labels == "softmax":
@@ -76,16 +76,17 @@ def label_loss(logits: Tensor, y: Tensor, labels: str = "raw") -> Tensor:
 
 
 def synthetic_gradient(
-    model: nn.Module, spec: FlatSpec, w: Tensor, x: Tensor, y: Tensor, *, create_graph=False, labels: str = "raw"
+    model: nn.Module, spec: FlatSpec, w: Tensor, x: Tensor, y: Tensor, *, create_graph=False, labels: str = "softmax"
 ):
-    """``grad_w label_loss(f_w(x), y)`` as a flat ``[numel]`` tensor (``w`` flat)."""
+    """``grad_w label_loss(f_w(x), y)`` as a flat ``[numel]`` tensor (``w`` flat). The default,
+    softmax targets, is what FedSynSAM's synthetic set uses; 3SFC and FedSynth pass theirs."""
     w = w if w.requires_grad else w.detach().requires_grad_(True)
     loss = label_loss(functional_call(model, unflatten(w, spec), (x,)), y, labels)
     (g,) = torch.autograd.grad(loss, w, create_graph=create_graph)
     return g
 
 
-def replay(model: nn.Module, spec: FlatSpec, w: Tensor, xs, ys, log_lr: Tensor, labels: str = "raw") -> Tensor:
+def replay(model: nn.Module, spec: FlatSpec, w: Tensor, xs, ys, log_lr: Tensor, labels: str = "softmax") -> Tensor:
     """``theta_B`` (flat): one differentiable SGD step per batch ``xs[j], ys[j]`` from ``w`` (flat).
 
     The unroll keeps one tensor per parameter and flattens once at the end: stepping a flat

@@ -106,7 +106,8 @@ def matching_loss(model, spec, start: Tensor, target: Tensor, images, label_logi
     """``||theta_N - target||^2 / ||start - target||^2`` after ``steps`` unrolled steps from ``start``."""
     from .syncomp import replay
 
-    theta = replay(model, spec, start, [images] * steps, [label_logits] * steps, log_lr)
+    # D_syn's labels are logits of soft labels: softmax targets (3SFC's and FedSynth's default is raw)
+    theta = replay(model, spec, start, [images] * steps, [label_logits] * steps, log_lr, labels="softmax")
     return (theta - target).pow(2).sum() / (start - target).pow(2).sum().clamp_min(1e-12)
 
 
@@ -118,7 +119,7 @@ def gradient_matching_loss(model, spec, points, targets, images, label_logits) -
 
     total = images.new_zeros(())
     for w, d in zip(points, targets):
-        g = synthetic_gradient(model, spec, w, images, label_logits, create_graph=True)
+        g = synthetic_gradient(model, spec, w, images, label_logits, create_graph=True, labels="softmax")
         total = total + (1.0 - (g @ d) / (g.norm() * d.norm()).clamp_min(1e-30))
     return total / len(points)
 

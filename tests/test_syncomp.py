@@ -274,3 +274,21 @@ def test_unused_compressor_settings_do_not_block_a_resume(tmp_path):
     assert "sfc_lr" not in now.unused() and "fedsynth_lr" in now.unused()
     with pytest.raises(ValueError, match="sfc_lr"):
         Trainer(now, tmp_path / "3sfc", dataset=DIGITS).run(progress=False, resume=True)
+
+
+def test_the_synthetic_set_keeps_softmax_targets(setting):
+    """FedSynSAM's D_syn shares synthetic_gradient with 3SFC; 3SFC's raw targets must not leak
+    into it (its label logits are the logits of soft labels)."""
+    from torch.func import functional_call
+
+    from fedcomp.flat import unflatten
+    from fedsynsam.synthetic import gradient_matching_loss
+
+    model, spec, w, g = setting
+    gen = torch.Generator().manual_seed(3)
+    images, logits = torch.randn(3, 1, 8, 8, generator=gen), torch.randn(3, 10, generator=gen)
+    wt = w.clone().requires_grad_(True)
+    loss = alg.soft_cross_entropy(functional_call(model, unflatten(wt, spec), (images,)), logits)
+    (g_syn,) = torch.autograd.grad(loss, wt)
+    got = float(gradient_matching_loss(model, spec, [w], [g], images, logits))
+    assert got == pytest.approx(1 - _cos(g_syn, g), abs=1e-6)

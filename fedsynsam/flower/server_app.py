@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from ..rounds import RoundPlan, RoundResult, counter
@@ -29,6 +30,8 @@ from .settings import from_run_config
 __all__ = ["app", "FlowerClients"]
 
 app = ServerApp()
+# errors the SuperLink itself puts in a reply: the message expired, or its node left the federation
+_UNAVAILABLE = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE)
 
 
 def _log(line: str) -> None:
@@ -88,12 +91,15 @@ class FlowerClients:
             left = max(deadline - time.monotonic(), 1.0)
             for reply in self.exchange(msgs, left) if msgs else ():
                 node = reply.metadata.src_node_id
+                if reply.has_error() and reply.error.code in _UNAVAILABLE:
+                    continue  # Flower's own: the query expired unanswered or its node left
                 if reply.has_error():
                     raise ValueError(f"SuperNode {node} cannot serve this run: {_reason(reply)}")
                 pid = int(reply.content[protocol.RECORD]["partition-id"])
                 if pid in nodes:
                     raise ValueError(f"SuperNodes {nodes[pid]} and {node} both hold partition-id={pid}")
                 nodes[pid] = node
+            asked -= set(new) - set(nodes.values())  # a node that did not answer is asked again
             if len(nodes) < clients:
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(clients)) - set(nodes))
