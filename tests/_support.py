@@ -5,6 +5,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 
 SIZES = [0, 1, 7, 8, 9, 1023, 2**20 + 3]
@@ -93,3 +97,16 @@ def distill_digits(
         targets=targets,
         perturbations=perturbations,
     )
+
+
+def docs_script(name: str):
+    """``docs/NAME.py`` imported as module ``NAME``: registered in ``sys.modules`` (dataclasses look
+    their module up there) with ``docs/`` on the path (the drivers import helpers from beside them)."""
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    if str(docs) not in sys.path:
+        sys.path.insert(0, str(docs))
+    spec = importlib.util.spec_from_file_location(name, docs / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -3,20 +3,15 @@ are refused, and the report's paired rows are right on hand-made summaries."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from _support import docs_script
 
 from fedsynsam.dp import DPConfig
 
-_DOCS = Path(__file__).resolve().parent.parent / "docs"
-sys.path.insert(0, str(_DOCS))  # the driver imports experiment_mnist's interval helpers from beside it
-_spec = importlib.util.spec_from_file_location("experiment_dppf", _DOCS / "experiment_dppf.py")
-exp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(exp)
+exp = docs_script("experiment_dppf")
 
 
 def test_every_run_is_a_valid_config():

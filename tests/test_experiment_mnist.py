@@ -3,23 +3,18 @@ Student-t interval, seeds agreeing) is right on hand-made summaries."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
+from _support import docs_script
 
 from fedsynsam.config import Config
 
-_PATH = Path(__file__).resolve().parent.parent / "docs" / "experiment_mnist.py"
-_spec = importlib.util.spec_from_file_location("experiment_mnist", _PATH)
-exp = importlib.util.module_from_spec(_spec)
-sys.modules["experiment_mnist"] = exp  # dataclasses look their module up there
-_spec.loader.exec_module(exp)
+exp = docs_script("experiment_mnist")
 
 
 def test_every_run_of_every_grid_is_a_valid_config():

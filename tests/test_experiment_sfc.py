@@ -3,20 +3,15 @@ without the run folders, and the paired rows are right on hand-made runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from _support import docs_script
 
 from fedsynsam.config import Config, load_toml
 
-_DOCS = Path(__file__).resolve().parent.parent / "docs"
-sys.path.insert(0, str(_DOCS))  # the driver imports experiment_mnist's interval helper from beside it
-_spec = importlib.util.spec_from_file_location("experiment_sfc", _DOCS / "experiment_sfc.py")
-exp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(exp)
+exp = docs_script("experiment_sfc")
 
 
 def test_the_grids_are_valid_configs_at_matched_bytes():
