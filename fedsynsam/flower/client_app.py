@@ -43,7 +43,8 @@ _IMPORTED = time.time()  # when this module (and torch, fedcomp, fedsynsam) fini
 def _process_start() -> float:
     """When this process started, in epoch seconds (Linux: /proc, 10 ms resolution); NaN elsewhere."""
     try:
-        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
         since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc(5): starttime
         return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + since_boot
     except (OSError, ValueError, IndexError, AttributeError):
