@@ -65,7 +65,7 @@ class FlowerClients:
         Flower's ``Grid.send_and_receive`` does the same with a fixed 3 s between pulls, so a round
         lasted a multiple of 3 s whatever its clients took.
         """
-        self.pushed = time.time()
+        self.pushed, self.seen = time.time(), {}
         pending = set(self.grid.push_messages(messages))
         replies, deadline = [], time.monotonic() + timeout
         while pending:
@@ -137,7 +137,7 @@ class FlowerClients:
         seeded = counter(uplink)
         if seeded is not None:  # the clients used calls first_call .. first_call + m - 1
             seeded.calls = plan.first_call + len(plan.clients)
-        by_node, self.seen = {}, {}
+        by_node = {}
         for reply in self.exchange(list(msgs.values()), self.round_timeout):
             by_node[reply.metadata.src_node_id] = reply
         self._log_timings(plan, by_node)
