@@ -3,7 +3,7 @@
 Ops (see :mod:`fedcomp.ops` for shapes, dtypes and the exact math):
 top-k with error feedback (exact and threshold-based), 1-bit sign
 quantization with block scales and majority vote, QSGD, and sparse
-accumulation. Each op has a pure-PyTorch reference (:mod:`fedcomp.reference`)
+accumulation; and low-rank PowerSGD compression (:mod:`fedcomp.lowrank`). Each op has a pure-PyTorch reference (:mod:`fedcomp.reference`)
 and fused C++ CPU kernels built just in time (:mod:`fedcomp.build`);
 ``python -m fedcomp.env`` reports what was found.
 
@@ -18,6 +18,7 @@ from ._backend import BackendUnavailable
 from .aggregation import aggregate
 from .compressors import EF21, QSGD, Compressor, ErrorFeedback, Identity, RandK, Sign, TopK
 from .flat import FlatSpec, flatten, unflatten
+from .lowrank import PowerSGD
 from .ops import (
     qsgd,
     qsgd_accumulate,
@@ -43,6 +44,7 @@ __all__ = [
     "FlatSpec",
     "Identity",
     "Payload",
+    "PowerSGD",
     "QSGD",
     "RandK",
     "Sign",

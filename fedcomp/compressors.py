@@ -95,6 +95,11 @@ class Compressor:
     def _encode(self, x: Tensor, residual: Tensor | None) -> Payload:
         raise NotImplementedError
 
+    def _encode_keyed(self, x: Tensor, residual: Tensor | None, key: str) -> Payload:
+        """:meth:`_encode` for the state of ``key``: the wrappers call this, so that a compressor
+        with per-key state of its own (:class:`fedcomp.PowerSGD`'s warm start) sees the key."""
+        return self._encode(x, residual)
+
     def compress_many(self, x: Tensor) -> list[Payload]:
         """Compress each row of ``x`` ``[m, n]`` (no error feedback): the same payloads, to the
         bit, as ``[compress(x[i]) for i in range(m)]``, in one batched call where the
@@ -505,7 +510,7 @@ class ErrorFeedback(_Stateful):
 
     def compress(self, x: Tensor, key: str = "default") -> Payload:
         x = _flat_input(x)
-        return self.compressor._encode(x, self._residual(key, x))
+        return self.compressor._encode_keyed(x, self._residual(key, x), key)
 
     def compress_many(self, x: Tensor, keys) -> list[Payload]:
         """Compress ``m`` clients' updates at once: ``x`` is ``[m, n]``, ``keys`` ``m`` distinct keys.
@@ -521,7 +526,7 @@ class ErrorFeedback(_Stateful):
             raise ValueError(f"keys must be {x.shape[0]} distinct keys, one per row of x; got {keys!r}")
         if type(self.compressor)._encode_rows is Compressor._encode_rows or x.shape[1] >= _ROWS_BATCH_BELOW:
             residuals = [self._residual(k, x) for k in keys]
-            return [self.compressor._encode(x[i], r) for i, r in enumerate(residuals)]
+            return [self.compressor._encode_keyed(x[i], r, k) for i, (r, k) in enumerate(zip(residuals, keys))]
         home = self._home
         for k in keys:  # a new key gets its row; a known one is checked with its buffer below
             if k not in home:
@@ -565,7 +570,7 @@ class EF21(_Stateful):
     def compress(self, x: Tensor, key: str = "default") -> Payload:
         x = _flat_input(x)
         g = self._slot(self.estimates, key, x.numel(), x.device, torch.float32)
-        payload = self.compressor._encode(x.float() - g, None)
+        payload = self.compressor._encode_keyed(x.float() - g, None, key)
         payload.accumulate_into(g)
         return payload
 

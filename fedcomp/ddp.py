@@ -12,20 +12,37 @@ residual keyed by the bucket index), all ranks all-gather the payload sections
 each rank accumulates all payloads into the bucket and divides by the world
 size. Sparse payloads are scattered, never decoded to dense tensors.
 
+With :class:`fedcomp.PowerSGD` as the compressor the hook works as PowerSGD does instead
+(low-rank factors add up, so no all-gather): per bucket, ``P = M Q`` of every matrix and the
+bucket's vectors go in one all-reduce, each rank orthonormalises the summed ``P``, and
+``Q = M^T P`` goes in a second all-reduce; the bucket becomes ``P (sum Q / world)^T``. The
+first all-reduce is waited for inside the hook and the second is issued right after, from
+the thread that runs the hooks, so every rank issues its collectives in the same order
+whatever the number of buckets (PyTorch's own PowerSGD hook issues the second from a
+callback, and gloo failed when DDP made more than one bucket). The bucket's matrix shapes come
+from ``bucket.gradients()``; the first compressed step broadcasts rank 0's ``seed``, so every
+rank draws the same initial ``Q``.
+
 The first ``start_iter`` iterations use plain allreduce (DDP rebuilds its
 buckets after the first iteration, and error-feedback residuals are keyed by
 bucket). Buckets that compression would not shrink by ``min_compression_rate``
-are allreduced too. Only the payload sections travel (every rank knows the
-layout, so no header). ``state.bytes_sent`` / ``state.bytes_dense`` count what
-this rank contributed against the dense bucket size.
+are allreduced too (PowerSGD applies its own rate per matrix). Only the payload
+sections travel (every rank knows the layout, so no header). ``state.bytes_sent`` /
+``state.bytes_dense`` count what this rank contributed against the dense bucket size.
 """
+
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .compressors import Compressor, ErrorFeedback, _check_compressor
-from .wire import Payload
+from .compressors import Compressor, ErrorFeedback, Sign, _check_compressor
+from .lowrank import PowerSGD, orthonormalize
+from .wire import Payload, lowrank_accumulate
+
+# Buckets at least this long get a warning when Sign() has one scale for all of them (see CompressionState).
+SIGN_ONE_SCALE_WARN_ABOVE = 1 << 16
 
 __all__ = ["CompressionState", "compression_hook"]
 
@@ -56,6 +73,7 @@ class CompressionState:
         "bytes_dense",
         "compressed_buckets",
         "allreduced_buckets",
+        "seed_synced",
     )
 
     def __init__(
@@ -67,6 +85,14 @@ class CompressionState:
         process_group=None,
     ):
         compressor = _check_compressor(compressor)
+        if isinstance(compressor, Sign) and compressor.block is None:
+            warnings.warn(
+                "CompressionState(Sign()): one sign scale per DDP bucket (up to millions of entries) "
+                "trains badly: in benchmarks/test_bench_ddp_compare.py it ends at a higher loss than "
+                "block scales at about the same bytes. Use Sign(block=256) (see docs/ddp.md).",
+                UserWarning,
+                stacklevel=2,
+            )
         if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 1:
             raise ValueError(
                 f"start_iter must be an int >= 1 (DDP rebuilds its buckets after iteration 0); got {start_iter!r}"
@@ -83,6 +109,7 @@ class CompressionState:
         self.bytes_dense = 0
         self.compressed_buckets = 0
         self.allreduced_buckets = 0
+        self.seed_synced = False  # PowerSGD: rank 0's seed adopted (at the first compressed step)
 
     @property
     def compression_ratio(self) -> float:
@@ -141,6 +168,14 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     buf = bucket.buffer()
     n, dense = buf.numel(), buf.numel() * buf.element_size()
+    base = state.compressor.compressor if isinstance(state.compressor, ErrorFeedback) else state.compressor
+    if isinstance(base, PowerSGD):
+        if state.iter < state.start_iter:
+            fut = _allreduce(state, buf, group)
+        else:
+            fut = _lowrank(state, base, bucket, group)
+        state._advance(bucket)
+        return fut
     compress_now = state.iter >= state.start_iter and dense >= state.min_compression_rate * state.compressor.wire_bytes(
         n, buf.dtype, header=False
     )
@@ -171,3 +206,59 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
 
     state._advance(bucket)
     return work.get_future().then(decode)
+
+
+def _lowrank(state: CompressionState, base: PowerSGD, bucket, group) -> torch.futures.Future[torch.Tensor]:
+    """PowerSGD's two all-reduces for one bucket (see the module docstring)."""
+    buf = bucket.buffer()
+    flat, n, world = buf.reshape(-1), buf.numel(), _group_size(group)
+    layout = base.layout_for([g.shape for g in bucket.gradients()], n)
+    key = f"bucket{bucket.index()}"
+    if not state.seed_synced:  # every rank must draw the same initial Q: rank 0's seed
+        seed = torch.tensor([base.seed], dtype=torch.int64, device=buf.device)
+        dist.broadcast(seed, group=group, group_src=0)
+        base.seed, state.seed_synced = int(seed.item()), True
+    residual = state.compressor._residual(key, flat) if isinstance(state.compressor, ErrorFeedback) else None
+    if residual is not None and residual.dtype == torch.float32:
+        a = residual.add_(flat)  # M + e, kept in the residual
+    else:
+        a = flat.float() if residual is None else flat.float() + residual.float()
+    mats = base._matrices(a, layout)
+    dense = base._dense(a, layout)
+    ps = [m @ q for m, q in zip(mats, base._start(key, layout, a.device))]
+    first = torch.cat([p.reshape(-1) for p in ps] + dense) if ps or dense else a.new_zeros(0)
+    state.compressed_buckets += 1
+    state.bytes_dense += n * buf.element_size()
+    state.bytes_sent += first.numel() * first.element_size()
+
+    def finish(summed_q: Tensor | None) -> Tensor:
+        p_flat = torch.cat([p.reshape(-1) for p in ps]) if ps else a.new_zeros(0)
+        q_mean = summed_q.div_(world) if summed_q is not None else a.new_zeros(0)
+        dense_mean = first[p_flat.numel() :].div_(world)
+        base._finish(key, _split_like(q_mean, [(m.shape[1], p.shape[1]) for m, p in zip(mats, ps)]))
+        out = lowrank_accumulate(torch.zeros(n, dtype=torch.float32, device=a.device), layout, p_flat, q_mean, dense_mean)
+        if residual is not None:  # e = (M + e) - P Q_mean^T, PowerSGD's error feedback
+            residual.copy_(a.sub_(out) if a is residual else a - out)
+        buf.copy_(out.view_as(buf))
+        return buf
+
+    if not ps:  # vectors only: one all-reduce
+        work = dist.all_reduce(first, group=group, async_op=True)
+        return work.get_future().then(lambda fut: finish(None))
+    # Waited for here, so that the next collective (this bucket's Q) is issued from this thread now.
+    dist.all_reduce(first, group=group)
+    ps_sum = _split_like(first, [tuple(p.shape) for p in ps])
+    ps = [orthonormalize(p) for p in ps_sum]
+    second = torch.cat([(m.T @ p).reshape(-1) for m, p in zip(mats, ps)])
+    state.bytes_sent += second.numel() * second.element_size()
+    work = dist.all_reduce(second, group=group, async_op=True)
+    return work.get_future().then(lambda fut: finish(fut.value()[0]))
+
+
+def _split_like(flat: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
+    """``flat``'s leading entries as consecutive tensors of ``shapes`` (views)."""
+    out, off = [], 0
+    for rows, cols in shapes:
+        out.append(flat[off : off + rows * cols].view(rows, cols))
+        off += rows * cols
+    return out

@@ -1,8 +1,8 @@
 """The compressed payload and its binary wire format.
 
 A :class:`Payload` is what one compressor call produces: a kind, the dtype and
-length of the tensor it encodes, a few integer parameters, and one to three
-typed sections (values, indices, packed bits, scales). ``nbytes`` is the exact
+length of the tensor it encodes, a few integer parameters, and one to four
+typed sections (values, indices, packed bits, scales, low-rank factors). ``nbytes`` is the exact
 size of ``to_bytes()``; ``from_bytes`` parses and validates a buffer.
 
 Format (version 1, all integers little-endian)::
@@ -10,7 +10,7 @@ Format (version 1, all integers little-endian)::
     offset  size  field
     0       4     magic b"FCMP"
     4       1     format version (1)
-    5       1     kind      1 identity, 2 topk, 3 randk, 4 sign, 5 qsgd
+    5       1     kind      1 identity, 2 topk, 3 randk, 4 sign, 5 qsgd, 6 lowrank
     6       1     dtype     1 float32, 2 float16, 3 bfloat16 (of the encoded tensor)
     7       1     number of sections s (fixed per kind)
     8       8     numel n
@@ -33,14 +33,24 @@ randk      k, seed             values (indices regenerated from the seed)  ``k*w
 sign       block, l2           packed bits (1 bit per entry), scales fp32  ``ceil(n/8)``, ``4*ceil(n/block)``
 qsgd       levels L, bucket    packed codes (``ceil(log2(2L+1))`` bits),   ``ceil(n*bits/8)``,
                                norms fp32                                  ``4*ceil(n/bucket)``
+lowrank    rank R, segments s  layout int64 ``[s, 3]``, P factors,         ``24*s``, ``w*sum(rows*r)``,
+                               Q factors, dense values                     ``w*sum(cols*r)``,
+                                                                           ``w*sum(rows*cols, r=0)``
 =========  ==================  ==========================================  =========================
+
+A low-rank payload (:class:`fedcomp.PowerSGD`) covers the flat tensor with ``s``
+consecutive segments; layout row ``(rows, cols, r)`` says the segment holds
+``rows*cols`` entries, sent as ``P [rows, r] @ Q[cols, r]^T`` when ``r >= 1`` (``P``
+and ``Q`` are the next ``rows*r`` and ``cols*r`` values of their sections, row-major)
+or as the next ``rows*cols`` dense values when ``r = 0``. ``r <= min(rows, cols, R)``
+and the segments' entries sum to ``n``.
 
 ``from_bytes`` raises ``ValueError`` (never another exception type, never a
 wrong tensor) for a buffer that is truncated, has trailing bytes, has a bad
 magic, version, kind, dtype or section count, parameters or section lengths
 that disagree with ``n``, a checksum mismatch (every single flipped bit is
-caught: CRC-32 detects all 1- and 2-bit errors), or top-k indices that are out
-of range or not strictly ascending.
+caught: CRC-32 detects all 1- and 2-bit errors), top-k indices that are out
+of range or not strictly ascending, or a low-rank layout that does not add up.
 """
 
 from __future__ import annotations
@@ -69,7 +79,7 @@ HEADER_BYTES = _HEADER.size  # 40
 _CRC = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
-_KIND_CODES = {"identity": 1, "topk": 2, "randk": 3, "sign": 4, "qsgd": 5}
+_KIND_CODES = {"identity": 1, "topk": 2, "randk": 3, "sign": 4, "qsgd": 5, "lowrank": 6}
 _KIND_NAMES = {v: k for k, v in _KIND_CODES.items()}
 _PARAM_NAMES = {
     "identity": (),
@@ -77,6 +87,7 @@ _PARAM_NAMES = {
     "randk": ("k", "seed"),
     "sign": ("block", "l2"),
     "qsgd": ("levels", "bucket"),
+    "lowrank": ("rank", "segments"),
 }
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 _DTYPE_NAMES = {v: k for k, v in _DTYPE_CODES.items()}
@@ -149,14 +160,36 @@ def _remember_positions(k: int, n: int, known) -> None:
             _memo.popitem(last=False)
 
 
+def lowrank_accumulate(out: Tensor, layout, p: Tensor, q: Tensor, dense: Tensor, alpha: float = 1.0) -> Tensor:
+    """``out += alpha * decode`` of a low-rank payload: each segment ``(rows, cols, r)`` of ``out``
+    (``[numel]`` float32, contiguous) gets ``P Q^T`` added in place by one ``addmm_`` (``r >= 1``:
+    no dense ``[rows, cols]`` temporary) or its dense values (``r = 0``). ``p``, ``q`` and ``dense``
+    are the payload's flat factor and value sections (any float dtype; computed in float32)."""
+    off = po = qo = do = 0
+    for rows, cols, r in layout:
+        size = rows * cols
+        seg = out[off : off + size]
+        if r:
+            pm = p[po : po + rows * r].view(rows, r).float()
+            qm = q[qo : qo + cols * r].view(cols, r).float()
+            seg.view(rows, cols).addmm_(pm, qm.T, alpha=alpha)
+            po, qo = po + rows * r, qo + cols * r
+        else:
+            seg.add_(dense[do : do + size], alpha=alpha)
+            do += size
+        off += size
+    return out
+
+
 # --------------------------------------------------------------------------
 # Payload
 # --------------------------------------------------------------------------
 _ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.int32: 4, torch.int64: 8}
 
 
-def _section_lengths(kind: str, dtype: torch.dtype, numel: int, params: dict) -> list[int]:
-    """Byte length of each section, from the header fields alone."""
+def _section_lengths(kind: str, dtype: torch.dtype, numel: int, params: dict, layout=None) -> list[int]:
+    """Byte length of each section, from the header fields alone (a low-rank payload's also
+    from its ``layout``: ``(rows, cols, r)`` per segment, already checked)."""
     w = _ITEMSIZE[dtype]
     if kind == "identity":
         return [numel * w]
@@ -166,12 +199,42 @@ def _section_lengths(kind: str, dtype: torch.dtype, numel: int, params: dict) ->
         return [params["k"] * w]
     if kind == "sign":
         return [-(-numel // 8), 4 * -(-numel // params["block"])]
+    if kind == "lowrank":
+        p = sum(rows * r for rows, _, r in layout)
+        q = sum(cols * r for _, cols, r in layout)
+        dense = sum(rows * cols for rows, cols, r in layout if not r)
+        return [24 * params["segments"], p * w, q * w, dense * w]
     return [-(-numel * qsgd_bits(params["levels"]) // 8), 4 * -(-numel // params["bucket"])]
 
 
-def wire_nbytes(kind: str, dtype: torch.dtype, numel: int, params: dict, *, header: bool = True) -> int:
-    """Exact wire size of a payload: ``44 + 8*s + sum(section lengths)`` (``header=False``: the sum alone)."""
-    lengths = _section_lengths(kind, dtype, numel, params)
+def check_layout(layout, numel: int, rank: int) -> list[tuple[int, int, int]]:
+    """A low-rank payload's layout as ``(rows, cols, r)`` triples, checked: each ``rows, cols >= 0``,
+    ``0 <= r <= min(rows, cols, rank)``, and the segments' entries summing to ``numel``.
+
+    Raises:
+        ValueError: saying which segment is wrong.
+    """
+    out, total = [], 0
+    for i, (rows, cols, r) in enumerate(layout):
+        rows, cols, r = int(rows), int(cols), int(r)
+        if rows < 0 or cols < 0 or not 0 <= r <= min(rows, cols, rank):
+            raise ValueError(
+                f"low-rank segment {i} is (rows={rows}, cols={cols}, r={r}); "
+                f"need rows, cols >= 0 and 0 <= r <= min(rows, cols, rank={rank})"
+            )
+        total += rows * cols
+        if total > numel:
+            raise ValueError(f"low-rank segments hold more than numel={numel} entries (at segment {i})")
+        out.append((rows, cols, r))
+    if total != numel:
+        raise ValueError(f"low-rank segments hold {total} entries; numel is {numel}")
+    return out
+
+
+def wire_nbytes(kind: str, dtype: torch.dtype, numel: int, params: dict, *, header: bool = True, layout=None) -> int:
+    """Exact wire size of a payload: ``44 + 8*s + sum(section lengths)`` (``header=False``: the sum
+    alone); a low-rank payload's needs its ``layout`` too."""
+    lengths = _section_lengths(kind, dtype, numel, params, layout)
     return sum(lengths) + (HEADER_BYTES + 8 * len(lengths) + _CRC.size if header else 0)
 
 
@@ -188,6 +251,11 @@ def _check_params(kind: str, numel: int, params: dict) -> None:
             raise ValueError(f"block={params['block']} is not in [1, 2**62)")
         if params["l2"] not in (0, 1):
             raise ValueError(f"l2 flag must be 0 or 1; got {params['l2']}")
+    if kind == "lowrank":
+        if not 1 <= params["rank"] < 1 << 31:
+            raise ValueError(f"rank={params['rank']} is not in [1, 2**31)")
+        if params["segments"] > numel:
+            raise ValueError(f"segments={params['segments']} is more than numel={numel} (every segment holds entries)")
     if kind == "qsgd":
         if not 1 <= params["levels"] <= ops.MAX_LEVELS:
             raise ValueError(f"levels={params['levels']} is not in [1, {ops.MAX_LEVELS}]")
@@ -200,6 +268,8 @@ def _section_dtypes(kind: str, dtype: torch.dtype, numel: int) -> list[torch.dty
         return [dtype]
     if kind == "topk":
         return [dtype, index_dtype_for(numel)]
+    if kind == "lowrank":
+        return [torch.int64, dtype, dtype, dtype]
     return [torch.uint8, torch.float32]
 
 
@@ -208,7 +278,7 @@ class Payload:
     """One compressed tensor: what a compressor sends.
 
     Attributes:
-        kind: ``"identity" | "topk" | "randk" | "sign" | "qsgd"``.
+        kind: ``"identity" | "topk" | "randk" | "sign" | "qsgd" | "lowrank"``.
         dtype: dtype of the tensor that was compressed (float32/float16/bfloat16).
         numel: its number of entries.
         params: kind-specific integers (see the module docstring), e.g. ``{"k": 100}``.
@@ -231,10 +301,18 @@ class Payload:
                 f"params of a {self.kind} payload must be {_PARAM_NAMES[self.kind]}; got {tuple(self.params)}"
             )
         _check_params(self.kind, self.numel, self.params)
-        want = _section_lengths(self.kind, self.dtype, self.numel, self.params)
         dtypes = _section_dtypes(self.kind, self.dtype, self.numel)
-        if len(self.sections) != len(want):
-            raise ValueError(f"a {self.kind} payload has {len(want)} sections; got {len(self.sections)}")
+        if len(self.sections) != len(dtypes):
+            raise ValueError(f"a {self.kind} payload has {len(dtypes)} sections; got {len(self.sections)}")
+        layout = None
+        if self.kind == "lowrank":
+            t = self.sections[0]
+            if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.shape != (3 * self.params["segments"],):
+                raise ValueError(
+                    f"section 0 of a lowrank payload must be the [{3 * self.params['segments']}] int64 layout"
+                )
+            layout = check_layout(t.view(-1, 3).tolist(), self.numel, self.params["rank"])
+        want = _section_lengths(self.kind, self.dtype, self.numel, self.params, layout)
         for i, (t, nb, dt) in enumerate(zip(self.sections, want, dtypes)):
             if not isinstance(t, Tensor) or t.device != self.sections[0].device or not t.is_contiguous():
                 raise ValueError(
@@ -260,7 +338,7 @@ class Payload:
     @property
     def nbytes(self) -> int:
         """Exact length of :meth:`to_bytes`: ``44 + 8*len(sections) + sum(section bytes)``."""
-        return wire_nbytes(self.kind, self.dtype, self.numel, self.params)
+        return HEADER_BYTES + _CRC.size + sum(8 + t.numel() * t.element_size() for t in self.sections)
 
     @property
     def dense_nbytes(self) -> int:
@@ -316,22 +394,25 @@ class Payload:
         if any(raw[len(names) :]):
             raise ValueError(f"unused parameter fields of a {kind} payload must be 0; got {raw}")
         params = dict(zip(names, raw))
-        want_lengths = None
         try:
             _check_params(kind, numel, params)
-            want_lengths = _section_lengths(kind, dtype, numel, params)
         except ValueError as e:
             raise ValueError(f"inconsistent {kind} payload header: {e}") from None
-        if nsec != len(want_lengths):
-            raise ValueError(f"a {kind} payload has {len(want_lengths)} sections; header says {nsec}")
+        dtypes = _section_dtypes(kind, dtype, numel)
+        if nsec != len(dtypes):
+            raise ValueError(f"a {kind} payload has {len(dtypes)} sections; header says {nsec}")
         table_end = HEADER_BYTES + 8 * nsec
         if len(buf) < table_end + 4:
             raise ValueError(f"payload truncated: {len(buf)} bytes, the header alone needs {table_end + 4}")
         lengths = [_U64.unpack_from(buf, HEADER_BYTES + 8 * i)[0] for i in range(nsec)]
-        if lengths != want_lengths:
-            raise ValueError(
-                f"section lengths {lengths} disagree with numel={numel} and {params}: expected {want_lengths}"
-            )
+        if kind != "lowrank":
+            want_lengths = _section_lengths(kind, dtype, numel, params)
+            if lengths != want_lengths:
+                raise ValueError(
+                    f"section lengths {lengths} disagree with numel={numel} and {params}: expected {want_lengths}"
+                )
+        elif lengths[0] != 24 * params["segments"]:
+            raise ValueError(f"section lengths {lengths} disagree with {params}: the layout takes {24 * params['segments']}")
         total = table_end + sum(lengths) + 4
         if len(buf) < total:
             raise ValueError(f"payload truncated: {len(buf)} bytes, expected {total}")
@@ -340,8 +421,18 @@ class Payload:
         (crc,) = _CRC.unpack_from(buf, total - 4)
         if zlib.crc32(buf[: total - 4]) != crc:
             raise ValueError("payload checksum mismatch: the buffer was corrupted")
+        if kind == "lowrank":  # the layout (section 0) sizes the other sections
+            try:
+                layout = check_layout(
+                    struct.iter_unpack("<qqq", buf[table_end : table_end + lengths[0]]), numel, params["rank"]
+                )
+            except ValueError as e:
+                raise ValueError(f"inconsistent lowrank payload layout: {e}") from None
+            want_lengths = _section_lengths(kind, dtype, numel, params, layout)
+            if lengths != want_lengths:
+                raise ValueError(f"section lengths {lengths} disagree with the lowrank layout: expected {want_lengths}")
         sections, pos = [], table_end
-        for nb, dt in zip(lengths, _section_dtypes(kind, dtype, numel)):
+        for nb, dt in zip(lengths, dtypes):
             raw_t = (
                 torch.frombuffer(bytearray(buf[pos : pos + nb]), dtype=torch.uint8)
                 if nb
@@ -401,9 +492,17 @@ class Payload:
             torch.ops.fedcomp.sign_accumulate(out, *sections, self.params["block"], alpha)
         elif kind == "qsgd":
             torch.ops.fedcomp.qsgd_accumulate(out, *sections, self.params["levels"], self.params["bucket"], alpha)
+        elif kind == "lowrank":
+            lowrank_accumulate(out, self.layout(), sections[1], sections[2], sections[3], alpha)
         else:
             out.add_(sections[0], alpha=alpha)
         return out
+
+    def layout(self) -> list[tuple[int, int, int]]:
+        """A low-rank payload's segments: ``(rows, cols, r)`` each (see the module docstring)."""
+        if self.kind != "lowrank":
+            raise ValueError(f"a {self.kind} payload has no low-rank layout")
+        return [tuple(row) for row in self.sections[0].view(-1, 3).tolist()]
 
     def _decode_quantized(self) -> Tensor:
         packed, scales = self.sections

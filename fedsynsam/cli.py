@@ -20,7 +20,8 @@ __all__ = ["main"]
 
 _FLAG_HELP = {
     "algorithm": "fedavg | fedsam | mofedsam | fedlesam | fedsynsam | dppf",
-    "compressor": "none | topk | randk | sign | qsgd | 3sfc | fedsynth (client uploads)",
+    "compressor": "none | topk | randk | sign | qsgd | powersgd | 3sfc | fedsynth (client uploads)",
+    "powersgd_rank": "PowerSGD: rank of each weight matrix's factors (also --rank)",
     "ratio": "fraction of entries kept by topk / randk, in (0, 1]",
     "syn_objective": "FedSynSAM: gradient (match the trajectory's displacements) | sam-gradient (matched at "
     "w + eps) | trajectory (the first method)",
@@ -66,6 +67,10 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false; got {text!r}")
 
 
+# shorter flags some settings also answer to
+FLAG_ALIASES = {"powersgd_rank": ("--rank",)}
+
+
 def _add_config_flags(p: argparse.ArgumentParser, skip=(), cls=Config, help_text=None) -> None:
     help_text = _FLAG_HELP if help_text is None else help_text
     for f in dataclasses.fields(cls):
@@ -82,6 +87,7 @@ def _add_config_flags(p: argparse.ArgumentParser, skip=(), cls=Config, help_text
         kind = {**kinds, "str": str, "str | None": str}[f.type]
         p.add_argument(
             "--" + f.name.replace("_", "-"),
+            *FLAG_ALIASES.get(f.name, ()),
             dest=f.name,
             type=kind,
             default=None,

@@ -36,7 +36,7 @@ __all__ = [
     "resolve_device",
 ]
 
-COMPRESSORS = ("none", "topk", "randk", "sign", "qsgd", "3sfc", "fedsynth")
+COMPRESSORS = ("none", "topk", "randk", "sign", "qsgd", "powersgd", "3sfc", "fedsynth")
 PARTITIONS = ("dirichlet", "shards")
 PERTURBATION_MODES = ("client", "server")
 # (first, refresh) Adam iterations of each synthetic-set objective when the config leaves them unset
@@ -80,6 +80,7 @@ class Config(Settings):
     sign_block: int = 512  # entries per scale of the sign compressor
     qsgd_levels: int = 4
     qsgd_bucket: int = 512
+    powersgd_rank: int = 2  # PowerSGD: rank of each matrix's factors (--rank)
     rounds: int = 100
     clients: int = 20
     per_round: int = 5
@@ -139,10 +140,14 @@ class Config(Settings):
 
     def unused(self) -> tuple[str, ...]:
         """The settings of the compressors this run does not use (``sfc_*`` unless it uses 3SFC,
-        ``fedsynth_*`` unless FedSynth): they cannot change it, so a checkpoint or finished run
+        ``fedsynth_*`` unless FedSynth, ``powersgd_*`` unless PowerSGD): they cannot change it, so a checkpoint or finished run
         matches a config that differs only in them (runs saved before the encoders' defaults
         changed keep resuming)."""
-        prefixes = tuple(p for p, used in (("sfc_", "3sfc"), ("fedsynth_", "fedsynth")) if self.compressor != used)
+        prefixes = tuple(
+            p
+            for p, used in (("sfc_", "3sfc"), ("fedsynth_", "fedsynth"), ("powersgd_", "powersgd"))
+            if self.compressor != used
+        )
         return tuple(f.name for f in fields(self) if f.name.startswith(prefixes)) if prefixes else ()
 
     def validate(self) -> Config:
@@ -175,7 +180,7 @@ class Config(Settings):
             self.syn_refresh_iters = SYN_ITERS[self.syn_objective][1]
         check_positive_ints(
             self,
-            "rounds clients per_round shards_per_client local_steps batch_size sign_block qsgd_bucket "
+            "rounds clients per_round shards_per_client local_steps batch_size sign_block qsgd_bucket powersgd_rank "
             "syn_per_class syn_min_models syn_period syn_window syn_span syn_unroll syn_iters syn_refresh_iters "
             "syn_points eval_every checkpoint_every sfc_samples sfc_iters fedsynth_batches fedsynth_batch_size "
             "fedsynth_iters",

@@ -105,9 +105,13 @@ def initial_model(cfg: Config, data: Dataset, device) -> tuple[torch.nn.Module, 
     return model, w0, spec
 
 
-def base_compressor(cfg, seed: int) -> fedcomp.Compressor:
-    """The fedcomp compressor named by ``cfg.compressor`` (none, topk, randk, sign, qsgd), built from
-    ``cfg``'s ``ratio``, ``sign_block``, ``qsgd_levels`` and ``qsgd_bucket``; ``seed`` seeds rand-k and QSGD."""
+def base_compressor(cfg, seed: int, spec: FlatSpec | None = None) -> fedcomp.Compressor:
+    """The fedcomp compressor named by ``cfg.compressor`` (none, topk, randk, sign, qsgd, powersgd),
+    built from ``cfg``'s ``ratio``, ``sign_block``, ``qsgd_levels``, ``qsgd_bucket`` and
+    ``powersgd_rank``; ``seed`` seeds rand-k, QSGD and PowerSGD's first factors; PowerSGD takes
+    the model's tensor shapes from ``spec`` (``None``: the DDP hook, which reads its buckets')."""
+    if cfg.compressor == "powersgd":
+        return fedcomp.PowerSGD(cfg.powersgd_rank, shapes=None if spec is None else spec.shapes, seed=seed)
     return {
         "none": lambda: fedcomp.Identity(),
         "topk": lambda: fedcomp.TopK(cfg.ratio),
@@ -136,7 +140,7 @@ def compress_one(uplink, delta: Tensor, key: str, w: Tensor) -> fedcomp.Payload:
     ``key``) or a model compressor (3SFC / FedSynth, decoding at global model ``w``)."""
     if isinstance(uplink, ModelCompressor):
         return uplink.compress(delta, key, w)
-    if isinstance(uplink, fedcomp.ErrorFeedback):
+    if isinstance(uplink, (fedcomp.ErrorFeedback, fedcomp.PowerSGD)):  # state per key
         return uplink.compress(delta, key)
     return uplink.compress(delta)
 

@@ -98,7 +98,7 @@ def build_uplink(cfg: Config, model=None, spec=None, data: Dataset | None = None
             init_step=cfg.lr,
             **common,
         )
-    base = base_compressor(cfg, cfg.seed)
+    base = base_compressor(cfg, cfg.seed, spec)
     return fedcomp.ErrorFeedback(base) if cfg.error_feedback and cfg.compressor != "none" else base
 
 
@@ -273,6 +273,8 @@ class Trainer:
         tic2 = time.perf_counter()
         keys = [f"client{c}" for c in plan.clients]
         if isinstance(self.uplink, fedcomp.ErrorFeedback):  # one batched op (the same bits as one by one)
+            sent = self.uplink.compress_many(deltas, keys)
+        elif isinstance(self.uplink, fedcomp.PowerSGD):  # no error feedback, a warm start per client
             sent = self.uplink.compress_many(deltas, keys)
         elif isinstance(self.uplink, fedcomp.Compressor):  # no error feedback: batched too
             sent = self.uplink.compress_many(deltas)

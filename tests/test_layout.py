@@ -20,7 +20,7 @@ LAYERS = [
     ("backend choice", {"fedcomp._backend"}),
     ("ops", {"fedcomp.ops"}),
     ("wire", {"fedcomp.wire"}),
-    ("compressors and aggregation", {"fedcomp.compressors", "fedcomp.aggregation"}),
+    ("compressors and aggregation", {"fedcomp.compressors", "fedcomp.aggregation", "fedcomp.lowrank"}),
     (
         "integrations",
         {

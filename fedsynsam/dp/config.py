@@ -23,7 +23,7 @@ from ..models import MODELS
 __all__ = ["DPConfig", "METHODS", "DP_COMPRESSORS", "DP_PARTITIONS", "DP_NOT_IDENTITY"]
 
 METHODS = ("ddp", "localsgd", "dppf")
-DP_COMPRESSORS = ("none", "topk", "sign", "qsgd")
+DP_COMPRESSORS = ("none", "topk", "sign", "qsgd", "powersgd")
 DP_PARTITIONS = ("iid", "dirichlet")
 # settings a checkpoint may be resumed with other values of (a longer run, another device or timeout)
 DP_NOT_IDENTITY = ("steps", "device", "timeout", "measure", "measure_samples")
@@ -38,7 +38,7 @@ class DPConfig(Settings):
     """
 
     method: str = "dppf"  # ddp | localsgd | dppf
-    compressor: str = "none"  # none | topk | sign | qsgd: what a synchronisation sends
+    compressor: str = "none"  # none | topk | sign | qsgd | powersgd: what a synchronisation sends
     ratio: float = 0.01  # kept fraction for topk
     # local SGD and the DDP hook: an EF residual per worker (None: on but for qsgd); DPPF always carries
     # what a payload left out in its published position (fedsynsam.dp.sync), with or without it
@@ -47,6 +47,7 @@ class DPConfig(Settings):
     sign_majority: bool = False  # sign: average by majority vote instead of the mean of the decoded signs
     qsgd_levels: int = 4
     qsgd_bucket: int = 512
+    powersgd_rank: int = 2  # PowerSGD: rank of each matrix's factors (--rank)
     dataset: str = "mnist5k"
     data_dir: str | None = None
     model: str = "cnn"
@@ -80,7 +81,7 @@ class DPConfig(Settings):
             },
         )
         check_positive_ints(
-            self, "steps sync_every batch_size sign_block qsgd_bucket eval_every checkpoint_every measure_samples"
+            self, "steps sync_every batch_size sign_block qsgd_bucket powersgd_rank eval_every checkpoint_every measure_samples"
         )
         check_seed(self.seed)
         check_qsgd_levels(self.qsgd_levels)

@@ -64,12 +64,13 @@ class Synchronizer:
         x0: the flat model every worker starts from (the same on every rank): the first reference.
         comm_device: where collectives run (CPU for gloo, the rank's GPU for NCCL).
         group: the process group (``None``: the default one).
+        spec: the model's layout (PowerSGD reads its tensor shapes).
 
     ``bytes_sent`` counts what this worker sent (dense: ``4 * numel`` per synchronisation, the
     payload an all-reduce contributes; compressed: the payload's wire bytes, header included).
     """
 
-    def __init__(self, cfg: DPConfig, x0: Tensor, comm_device: torch.device, group=None):
+    def __init__(self, cfg: DPConfig, x0: Tensor, comm_device: torch.device, group=None, spec=None):
         self.cfg, self.group, self.comm_device = cfg, group, comm_device
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -78,7 +79,7 @@ class Synchronizer:
         self.published: Tensor | None = None  # DPPF: y_i, this worker's published position
         if cfg.compressor != "none":
             # rand-k / QSGD draws differ per rank (independent noise averages out); seeded for resume
-            base = base_compressor(cfg, seed=cfg.seed * 1009 + self.rank)
+            base = base_compressor(cfg, seed=cfg.seed * 1009 + self.rank, spec=spec)
             if cfg.method == "dppf":
                 self.compressor, self.published = base, x0.detach().clone()
             else:
@@ -95,12 +96,12 @@ class Synchronizer:
             self.bytes_sent += sent
             return buf.div_(self.world), sent
         delta = x.detach() - (self.reference if self.published is None else self.published)
-        if isinstance(self.compressor, fedcomp.ErrorFeedback):
+        if isinstance(self.compressor, (fedcomp.ErrorFeedback, fedcomp.PowerSGD)):
             payload = self.compressor.compress(delta, key="sync")
         else:
             payload = self.compressor.compress(delta)
         blob = payload.to_bytes()
-        # top-k, sign and QSGD payloads of a given numel have one size: every rank knows it
+        # top-k, sign, QSGD and PowerSGD payloads of a given model have one size: every rank knows it
         size = self.compressor.wire_bytes(delta.numel(), delta.dtype)
         gathered = all_gather_bytes(blob, self.comm_device, self.group, size=size)
         payloads = [fedcomp.Payload.from_bytes(b, device=x.device) for b in gathered]

@@ -120,7 +120,7 @@ class DataParallelTrainer:
                 self.net.register_comm_hook(self.hook_state, compression_hook)
         else:
             self.net = self.model
-            self.sync = Synchronizer(cfg, x0, self.comm_device)
+            self.sync = Synchronizer(cfg, x0, self.comm_device, spec=self.spec)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.last_workers: list[torch.Tensor] | None = None  # rank 0: the workers before the last sync
