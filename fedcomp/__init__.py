@@ -3,9 +3,10 @@
 Ops (see :mod:`fedcomp.ops` for shapes, dtypes and the exact math):
 top-k with error feedback (exact and threshold-based), 1-bit sign
 quantization with block scales and majority vote, QSGD, and sparse
-accumulation; and low-rank PowerSGD compression (:mod:`fedcomp.lowrank`). Each op has a pure-PyTorch reference (:mod:`fedcomp.reference`)
-and fused C++ CPU kernels built just in time (:mod:`fedcomp.build`);
-``python -m fedcomp.env`` reports what was found.
+accumulation; and low-rank PowerSGD compression (:mod:`fedcomp.lowrank`).
+Each op has a pure-PyTorch reference (:mod:`fedcomp.reference`) and fused
+C++ CPU kernels built just in time (:mod:`fedcomp.build`); ``python -m
+fedcomp.env`` reports what was found.
 
 Over the ops: compressors (:mod:`fedcomp.compressors`) that turn a flat
 tensor into a :class:`Payload` with an exact, versioned wire format

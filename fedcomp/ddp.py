@@ -15,11 +15,12 @@ size. Sparse payloads are scattered, never decoded to dense tensors.
 With :class:`fedcomp.PowerSGD` as the compressor the hook works as PowerSGD does instead
 (low-rank factors add up, so no all-gather): per bucket, ``P = M Q`` of every matrix and the
 bucket's vectors go in one all-reduce, each rank orthonormalises the summed ``P``, and
-``Q = M^T P`` goes in a second all-reduce; the bucket becomes ``P (sum Q / world)^T``. The
-first all-reduce is waited for inside the hook and the second is issued right after, from
-the thread that runs the hooks, so every rank issues its collectives in the same order
-whatever the number of buckets (PyTorch's own PowerSGD hook issues the second from a
-callback, and gloo failed when DDP made more than one bucket). The bucket's matrix shapes come
+``Q = M^T P`` goes in a second all-reduce; the bucket becomes ``P (sum Q / world)^T``. Both
+all-reduces are waited for inside the hook (on a GPU that only orders the streams), so every
+rank issues its collectives in the same order whatever the number of buckets (PyTorch's own
+PowerSGD hook issues the second from a callback, and gloo failed when DDP made more than one
+bucket), and the product is computed in the thread that runs the hooks, so every rank gets the
+same bits (a callback's thread may run BLAS with another thread count). The bucket's matrix shapes come
 from ``bucket.gradients()``; the first compressed step broadcasts rank 0's ``seed``, so every
 rank draws the same initial ``Q``.
 
@@ -236,23 +237,30 @@ def _lowrank(state: CompressionState, base: PowerSGD, bucket, group) -> torch.fu
         q_mean = summed_q.div_(world) if summed_q is not None else a.new_zeros(0)
         dense_mean = first[p_flat.numel() :].div_(world)
         base._finish(key, _split_like(q_mean, [(m.shape[1], p.shape[1]) for m, p in zip(mats, ps)]))
-        out = lowrank_accumulate(torch.zeros(n, dtype=torch.float32, device=a.device), layout, p_flat, q_mean, dense_mean)
+        out = lowrank_accumulate(
+            torch.zeros(n, dtype=torch.float32, device=a.device), layout, p_flat, q_mean, dense_mean
+        )
         if residual is not None:  # e = (M + e) - P Q_mean^T, PowerSGD's error feedback
             residual.copy_(a.sub_(out) if a is residual else a - out)
         buf.copy_(out.view_as(buf))
         return buf
 
-    if not ps:  # vectors only: one all-reduce
+    if not ps:  # vectors only: one all-reduce (its callback only copies: the same bits on every rank)
         work = dist.all_reduce(first, group=group, async_op=True)
         return work.get_future().then(lambda fut: finish(None))
-    # Waited for here, so that the next collective (this bucket's Q) is issued from this thread now.
+    # Both all-reduces are waited for here, and the factors multiplied in this thread: a callback runs
+    # on gloo's thread or inline, where BLAS may use another number of threads and round differently,
+    # and the ranks' models would drift apart in the last bits. Waiting for P also makes this rank
+    # issue its collectives in bucket order (the next one, Q, from here).
     dist.all_reduce(first, group=group)
     ps_sum = _split_like(first, [tuple(p.shape) for p in ps])
     ps = [orthonormalize(p) for p in ps_sum]
     second = torch.cat([(m.T @ p).reshape(-1) for m, p in zip(mats, ps)])
     state.bytes_sent += second.numel() * second.element_size()
-    work = dist.all_reduce(second, group=group, async_op=True)
-    return work.get_future().then(lambda fut: finish(fut.value()[0]))
+    dist.all_reduce(second, group=group)
+    done = torch.futures.Future()
+    done.set_result(finish(second))
+    return done
 
 
 def _split_like(flat: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:

@@ -75,8 +75,11 @@ class PowerSGD(Compressor):
             the same one.
 
     Stateful per key (a client id, a bucket): ``state_dict()`` holds each key's warm ``Q``
-    factors and call count. Use it through :class:`fedcomp.ErrorFeedback` (PowerSGD is biased;
-    without error feedback it loses what the rank cannot hold). Payloads are float32 factors
+    factors and call count (``draws``: it numbers the fresh draws of ``Q``). The factors are
+    products computed by BLAS, whose rounding depends on its thread count: processes that must
+    agree to the bit (DDP ranks decoding the same payloads, a Flower node and a simulation) must
+    run with the same ``torch.get_num_threads()``. Use it through :class:`fedcomp.ErrorFeedback`
+    (PowerSGD is biased; without error feedback it loses what the rank cannot hold). Payloads are float32 factors
     for float32 input (the input's dtype otherwise); see :mod:`fedcomp.wire` for the layout.
     """
 
@@ -101,7 +104,7 @@ class PowerSGD(Compressor):
         self.min_compression_rate = float(min_compression_rate)
         self.seed = ops._check_int("seed", seed, 0, (1 << 63) - 1)
         self.q: dict[str, list[Tensor]] = {}  # key -> the warm Q [cols, r] float32 of each compressed matrix
-        self.calls: dict[str, int] = {}  # key -> calls so far (numbers the fresh draws)
+        self.draws: dict[str, int] = {}  # key -> calls so far (numbers the fresh draws of Q)
         self._layouts: dict[tuple, list[tuple[int, int, int]]] = {}
         self._layout_tensors: dict[tuple, Tensor] = {}
 
@@ -171,7 +174,7 @@ class PowerSGD(Compressor):
                     f"this tensor needs {want} (use a distinct key per tensor layout, or reset({key!r}))"
                 )
             return [q.to(device) for q in warm]
-        call = self.calls.get(key, 0)
+        call = self.draws.get(key, 0)
         stream = splitmix64(self.seed, zlib.crc32(key.encode()))
         out = []
         for i, (cols, r) in enumerate(want):
@@ -181,7 +184,7 @@ class PowerSGD(Compressor):
 
     def _finish(self, key: str, qs: list[Tensor]) -> None:
         """Count the call of ``key`` and keep its new ``Q`` factors for the next (warm start)."""
-        self.calls[key] = self.calls.get(key, 0) + 1
+        self.draws[key] = self.draws.get(key, 0) + 1
         if self.warm_start:
             self.q[key] = [q.clone() for q in qs]
 
@@ -229,12 +232,9 @@ class PowerSGD(Compressor):
         """Compress ``a = x + residual`` (``[n]``) with the warm start of ``key``; when ``residual``
         is given, set it in place to ``a - decode(payload)`` (in ``x``'s dtype)."""
         layout = self._layout(x.numel())
-        if residual is not None and residual.dtype == torch.float32:
-            a = residual.add_(x)  # a lives in the residual: no dense temporary
-        elif residual is not None:
-            a = x.float() + residual.float()
-        else:
-            a = x.float()
+        a = x.float() if residual is None else x.float() + residual.float()
+        if a.data_ptr() % 64:  # BLAS rounds by alignment: a row of a stack is copied, so that the
+            a = a.clone()  # same update gives the same payload wherever it lives (simulation, Flower)
         qs = self._start(key, layout, a.device)
         mats = self._matrices(a, layout)
         ps = [orthonormalize(m @ q) for m, q in zip(mats, qs)]
@@ -246,16 +246,14 @@ class PowerSGD(Compressor):
         params = {"rank": self.rank, "segments": len(layout)}
         sections = (self._layout_tensor(layout, a.device), p_flat, q_flat, dense)
         payload = Payload._trusted(self.kind, x.dtype, x.numel(), params, sections)
-        if residual is not None:  # a is the residual itself, or a temporary of its own
-            lowrank_accumulate(a, layout, p_flat, q_flat, dense, -1.0)
-            if a is not residual:
-                residual.copy_(a)
+        if residual is not None:  # a is a temporary of its own here
+            residual.copy_(lowrank_accumulate(a, layout, p_flat, q_flat, dense, -1.0))
         return payload
 
     # -- state ----------------------------------------------------------------------
     def reset(self, key: str | None = None) -> None:
         """Forget the warm start and call count of ``key`` (all keys if ``None``)."""
-        for table in (self.q, self.calls):
+        for table in (self.q, self.draws):
             if key is None:
                 table.clear()
             else:
@@ -264,19 +262,21 @@ class PowerSGD(Compressor):
     def state_dict(self) -> dict:
         return {
             "q": {k: [q.clone() for q in qs] for k, qs in self.q.items()},
-            "calls": dict(self.calls),
+            "draws": dict(self.draws),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or set(state) != {"q", "calls"}:
-            raise ValueError(f"PowerSGD state must hold 'q' and 'calls'; got {sorted(state) if isinstance(state, dict) else state!r}")
+        if not isinstance(state, dict) or set(state) != {"q", "draws"}:
+            raise ValueError(
+                f"PowerSGD state must hold 'q' and 'draws'; got {sorted(state) if isinstance(state, dict) else state!r}"
+            )
         q = {}
         for k, qs in state["q"].items():
             if not isinstance(qs, (list, tuple)) or not all(isinstance(t, Tensor) and t.dim() == 2 for t in qs):
                 raise ValueError(f"state['q'][{k!r}] must be a list of [cols, r] tensors")
             q[str(k)] = [t.float().clone() for t in qs]
-        calls = {str(k): ops._check_int(f"state['calls'][{k!r}]", v, 0) for k, v in state["calls"].items()}
-        self.q, self.calls = q, calls
+        draws = {str(k): ops._check_int(f"state['draws'][{k!r}]", v, 0) for k, v in state["draws"].items()}
+        self.q, self.draws = q, draws
 
     def __repr__(self) -> str:
         shapes = "" if self.shapes is None else f", {len(self.shapes)} tensors"

@@ -164,14 +164,19 @@ def lowrank_accumulate(out: Tensor, layout, p: Tensor, q: Tensor, dense: Tensor,
     """``out += alpha * decode`` of a low-rank payload: each segment ``(rows, cols, r)`` of ``out``
     (``[numel]`` float32, contiguous) gets ``P Q^T`` added in place by one ``addmm_`` (``r >= 1``:
     no dense ``[rows, cols]`` temporary) or its dense values (``r = 0``). ``p``, ``q`` and ``dense``
-    are the payload's flat factor and value sections (any float dtype; computed in float32)."""
+    are the payload's flat factor and value sections (any float dtype; computed in float32).
+
+    The factors are copied to fresh tensors first: BLAS rounds differently at another address
+    alignment, and sections parsed from bytes sit wherever the buffer did, so without the copy two
+    processes decoding the same payload (two DDP ranks, a Flower server and a simulation) could
+    disagree in the last bits."""
     off = po = qo = do = 0
     for rows, cols, r in layout:
         size = rows * cols
         seg = out[off : off + size]
         if r:
-            pm = p[po : po + rows * r].view(rows, r).float()
-            qm = q[qo : qo + cols * r].view(cols, r).float()
+            pm = p[po : po + rows * r].view(rows, r).to(torch.float32, copy=True)
+            qm = q[qo : qo + cols * r].view(cols, r).to(torch.float32, copy=True)
             seg.view(rows, cols).addmm_(pm, qm.T, alpha=alpha)
             po, qo = po + rows * r, qo + cols * r
         else:
@@ -412,7 +417,9 @@ class Payload:
                     f"section lengths {lengths} disagree with numel={numel} and {params}: expected {want_lengths}"
                 )
         elif lengths[0] != 24 * params["segments"]:
-            raise ValueError(f"section lengths {lengths} disagree with {params}: the layout takes {24 * params['segments']}")
+            raise ValueError(
+                f"section lengths {lengths} disagree with {params}: the layout takes {24 * params['segments']}"
+            )
         total = table_end + sum(lengths) + 4
         if len(buf) < total:
             raise ValueError(f"payload truncated: {len(buf)} bytes, expected {total}")

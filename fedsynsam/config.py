@@ -140,9 +140,9 @@ class Config(Settings):
 
     def unused(self) -> tuple[str, ...]:
         """The settings of the compressors this run does not use (``sfc_*`` unless it uses 3SFC,
-        ``fedsynth_*`` unless FedSynth, ``powersgd_*`` unless PowerSGD): they cannot change it, so a checkpoint or finished run
-        matches a config that differs only in them (runs saved before the encoders' defaults
-        changed keep resuming)."""
+        ``fedsynth_*`` unless FedSynth, ``powersgd_*`` unless PowerSGD): they cannot change it,
+        so a checkpoint or finished run matches a config that differs only in them (runs saved
+        before the encoders' defaults changed keep resuming)."""
         prefixes = tuple(
             p
             for p, used in (("sfc_", "3sfc"), ("fedsynth_", "fedsynth"), ("powersgd_", "powersgd"))

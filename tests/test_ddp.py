@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import warnings
 
 import pytest
 import torch
@@ -29,6 +30,13 @@ def _free_port() -> int:
 def _model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+
+
+def _deep_model(seed: int) -> torch.nn.Module:
+    """Big enough for DDP to make two buckets at ``bucket_cap_mb=0.005``."""
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(64, 1))
 
 
 def _data(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +88,40 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 "params": [p.detach().clone() for p in model.parameters()],
                 "state": pickle.dumps(cstate),
             }
+        # 3. PowerSGD at full rank (nothing to lose) through several buckets == DDP's allreduce.
+        full, plain = DDP(_deep_model(2), bucket_cap_mb=0.005), DDP(_deep_model(2), bucket_cap_mb=0.005)
+        pstate = CompressionState(
+            fedcomp.PowerSGD(64, min_compression_rate=0, seed=rank), error_feedback=False, start_iter=1
+        )
+        full.register_comm_hook(pstate, compression_hook)
+        gaps = []
+        for step in range(4):
+            x, y = _data(rank, step)
+            grads = []
+            for m in (full, plain):
+                m.zero_grad()
+                torch.nn.functional.mse_loss(m(x), y).backward()
+                grads.append([p.grad.clone() for p in m.parameters()])
+            gaps.append(max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*grads)))
+        results["powersgd_full"] = {"gaps": gaps, "buckets": sorted(pstate.compressor.q)}
+        # 4. PowerSGD rank 1 with error feedback, several buckets: trains, every rank the same model.
+        model = DDP(_deep_model(1), bucket_cap_mb=0.005)
+        lstate = CompressionState(fedcomp.PowerSGD(1, seed=rank), error_feedback=True, start_iter=2)
+        model.register_comm_hook(lstate, compression_hook)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        losses = []
+        for step in range(60):
+            x, y = _data(rank, step)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        results["powersgd"] = {
+            "losses": losses,
+            "params": [p.detach().clone() for p in model.parameters()],
+            "state": pickle.dumps(lstate),
+        }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # every rank past its last collective before any closes its connections
     finally:
@@ -113,6 +155,33 @@ def test_compression_with_error_feedback_trains_and_saves_bytes(ddp_results, nam
     # both ranks hold the same model: each applied the same averaged, decoded update
     for a, b in zip(ddp_results[0][name]["params"], ddp_results[1][name]["params"]):
         assert torch.equal(a, b)
+
+
+def test_powersgd_at_full_rank_equals_allreduce_through_several_buckets(ddp_results):
+    for r in ddp_results:
+        assert max(r["powersgd_full"]["gaps"]) < 1e-4, r["powersgd_full"]["gaps"]
+        assert len(r["powersgd_full"]["buckets"]) >= 2  # the matrices sat in more than one bucket
+
+
+def test_powersgd_with_error_feedback_trains_on_every_rank_alike(ddp_results):
+    for r in ddp_results:
+        losses = r["powersgd"]["losses"]
+        assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+        state = pickle.loads(r["powersgd"]["state"])
+        assert state.process_group is None and state.seed_synced
+        assert state.compression_ratio > 3
+        assert len(state.compressor.compressor.q) >= 2  # warm-start factors of several buckets
+        assert state.compressor.compressor.seed == 0  # rank 0's seed, adopted by rank 1
+    for a, b in zip(ddp_results[0]["powersgd"]["params"], ddp_results[1]["powersgd"]["params"]):
+        assert torch.equal(a, b)
+
+
+def test_one_scale_sign_in_the_hook_warns():
+    with pytest.warns(UserWarning, match=r"one sign scale per DDP bucket .* Use Sign\(block=256\)"):
+        CompressionState(fedcomp.Sign())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CompressionState(fedcomp.Sign(block=256))
 
 
 def test_state_rejects_bad_arguments():

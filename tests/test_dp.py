@@ -43,6 +43,7 @@ COMPRESSED = {
     "sign": dict(compressor="sign", sign_block=64),
     "sign-majority": dict(compressor="sign", sign_block=64, sign_majority=True),
     "qsgd": dict(compressor="qsgd"),
+    "powersgd": dict(compressor="powersgd", powersgd_rank=2),
 }
 
 
@@ -94,6 +95,8 @@ def _group_worker(rank: int, world: int, port: int, out: str) -> None:
                 opt.step()
             res["single"] = _flat(model)
         res["localsgd1"] = _flat(run("localsgd1", method="localsgd", sync_every=1).model)
+        tr = run("ddp-powersgd", method="ddp", compressor="powersgd")
+        res["ddp-powersgd"] = {"x": _flat(tr.model), "ratio": tr.hook_state.compression_ratio}
         for name, extra in COMPRESSED.items():
             for method in ("localsgd", "dppf"):
                 measure = world == 2 and name == "topk"  # the final measures, once per method
@@ -120,6 +123,14 @@ def test_ddp_equals_single_process_sgd_on_the_concatenated_batch(group):
     for r in res:
         torch.testing.assert_close(r["ddp"], res[0]["single"], rtol=0, atol=2e-6)
     assert not torch.equal(res[0]["single"], res[0]["localsgd/none"]["x"])  # the comparison can fail
+
+
+def test_ddp_with_the_powersgd_hook_keeps_every_rank_alike(group):
+    _, _, res = group
+    for r in res:
+        assert torch.equal(r["ddp-powersgd"]["x"], res[0]["ddp-powersgd"]["x"])
+        assert r["ddp-powersgd"]["ratio"] > 2
+    assert not torch.equal(res[0]["ddp-powersgd"]["x"], res[0]["ddp"])  # it did compress
 
 
 def test_localsgd_with_tau_1_equals_averaging_every_step(group):

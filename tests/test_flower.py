@@ -57,7 +57,12 @@ def _in_process(cfg, clients=None) -> tuple[list[dict], Trainer]:
 
 @pytest.mark.parametrize(
     "algorithm, compressor, extra",
-    [("fedavg", "topk", {}), ("fedsynsam", "sign", {}), ("fedavg", "3sfc", {"sfc_iters": 5})],
+    [
+        ("fedavg", "topk", {}),
+        ("fedsynsam", "sign", {}),
+        ("fedavg", "3sfc", {"sfc_iters": 5}),
+        ("fedavg", "powersgd", {}),
+    ],
 )
 def test_flower_run_equals_the_in_process_run(federation, tmp_path, algorithm, compressor, extra):
     cfg = _cfg(algorithm=algorithm, compressor=compressor, **extra)

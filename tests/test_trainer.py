@@ -95,7 +95,8 @@ def test_runs_are_reproducible():
 
 
 @pytest.mark.parametrize(
-    "algorithm, compressor", [("fedsynsam", "topk"), ("mofedsam", "randk"), ("fedlesam", "qsgd"), ("fedavg", "sign")]
+    "algorithm, compressor",
+    [("fedsynsam", "topk"), ("mofedsam", "randk"), ("fedlesam", "qsgd"), ("fedavg", "sign"), ("fedavg", "powersgd")],
 )
 def test_resume_equals_the_uninterrupted_run_bit_for_bit(tmp_path, algorithm, compressor):
     cfg = tiny(algorithm=algorithm, compressor=compressor, rounds=6)
@@ -110,6 +111,10 @@ def test_resume_equals_the_uninterrupted_run_bit_for_bit(tmp_path, algorithm, co
     assert torch.equal(second.state.w, full.state.w)
     for key, r in full.uplink.state_dict().get("residuals", {}).items():
         assert torch.equal(second.uplink.state_dict()["residuals"][key], r)
+    if compressor == "powersgd":  # and every client's warm-start factors
+        saved, resumed_q = full.uplink.state_dict()["compressor"]["q"], second.uplink.state_dict()["compressor"]["q"]
+        assert saved.keys() == resumed_q.keys() and len(saved) > 1
+        assert all(torch.equal(a, b) for k in saved for a, b in zip(saved[k], resumed_q[k]))
     if algorithm == "fedsynsam":
         assert torch.equal(second.state.synthetic.images, full.state.synthetic.images)
     lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()

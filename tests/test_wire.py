@@ -24,6 +24,8 @@ def _valid_buffers() -> list[bytes]:
         fedcomp.Sign(block=8).compress(x).to_bytes(),
         fedcomp.QSGD(levels=3, bucket=10).compress(x).to_bytes(),
         fedcomp.TopK(0.5).compress(torch.zeros(0)).to_bytes(),
+        fedcomp.PowerSGD(2, shapes=[(6, 4), (4,), (3, 3)], min_compression_rate=0).compress(x).to_bytes(),
+        fedcomp.PowerSGD(1, shapes=[(37,)]).compress(x.half()).to_bytes(),  # one dense segment
     ]
 
 

@@ -81,7 +81,9 @@ class DPConfig(Settings):
             },
         )
         check_positive_ints(
-            self, "steps sync_every batch_size sign_block qsgd_bucket powersgd_rank eval_every checkpoint_every measure_samples"
+            self,
+            "steps sync_every batch_size sign_block qsgd_bucket powersgd_rank eval_every checkpoint_every "
+            "measure_samples",
         )
         check_seed(self.seed)
         check_qsgd_levels(self.qsgd_levels)

@@ -339,15 +339,19 @@ class DataParallelTrainer:
         test_acc, test_loss = self.evaluate(xbar, "test")
         train_acc, train_loss = self.evaluate(xbar, "train")
         measures = {}
-        if self.cfg.measure and self.device.type == "cpu":  # the other workers have finished: use the cores
-            torch.set_num_threads(max(torch.get_num_threads(), os.cpu_count() or 1))
         if self.cfg.measure:  # on the same fixed training subset as `fedsynsam sharpness --samples`
-            order = evaluation_subset(len(self.data.y_train), self.cfg.measure_samples)
-            order = order.to(self.device)
-            obj = Objective(self._eval_model, self.data.x_train[order], self.data.y_train[order], xbar)
-            measures = sharpness_of(obj)
-            imv, mean_valley = inverse_mean_valley(obj, self.last_workers)
-            measures.update(inverse_mean_valley=imv, mean_valley=mean_valley, sharpness_samples=len(order))
+            threads = torch.get_num_threads()
+            if self.device.type == "cpu":  # the other workers have finished: use the cores, then give
+                torch.set_num_threads(max(threads, os.cpu_count() or 1))  # them back (the process goes on)
+            try:
+                order = evaluation_subset(len(self.data.y_train), self.cfg.measure_samples)
+                order = order.to(self.device)
+                obj = Objective(self._eval_model, self.data.x_train[order], self.data.y_train[order], xbar)
+                measures = sharpness_of(obj)
+                imv, mean_valley = inverse_mean_valley(obj, self.last_workers)
+                measures.update(inverse_mean_valley=imv, mean_valley=mean_valley, sharpness_samples=len(order))
+            finally:
+                torch.set_num_threads(threads)
         evaluated = [r for r in records if r["test_acc"] is not None]
         summary = {
             "final_test_acc": test_acc,
