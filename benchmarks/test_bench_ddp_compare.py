@@ -215,7 +215,7 @@ def test_ddp_hooks_side_by_side(benchmark, table, measured):
             int(r["bytes"]),
             f"{dense / r['bytes']:.0f}x",
         ]
-        table(header, cols, row + [r["losses"][s] for s in checkpoints] + modelled)
+        table(header, cols, row + [f"{r['losses'][s]:.3f}" for s in checkpoints] + modelled)
         assert all(v == v for v in r["losses"].values()), (name, r["losses"])  # no NaN
     # what PowerSGD is for: far fewer bytes than allreduce, whatever the buckets
     for (name, _), r in measured.items():

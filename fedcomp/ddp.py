@@ -39,11 +39,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .compressors import Compressor, ErrorFeedback, Sign, _check_compressor
-from .lowrank import PowerSGD, orthonormalize
+from .lowrank import PowerSGD, orthonormalize_rows
 from .wire import Payload, lowrank_accumulate
-
-# Buckets at least this long get a warning when Sign() has one scale for all of them (see CompressionState).
-SIGN_ONE_SCALE_WARN_ABOVE = 1 << 16
 
 __all__ = ["CompressionState", "compression_hook"]
 
@@ -52,12 +49,14 @@ class CompressionState:
     """State of :func:`compression_hook`: the compressor, residuals and statistics.
 
     Args:
-        compressor: a base compressor (``TopK``, ``Sign``, ``QSGD``, ``RandK`` with the same
-            seed on every rank, or ``Identity``).
+        compressor: a base compressor (``TopK``, ``Sign`` with a ``block`` (one scale per
+            bucket trains badly and warns), ``QSGD``, ``RandK`` with the same seed on every
+            rank, ``Identity``, or ``PowerSGD(rank)``: two all-reduces of low-rank factors).
         error_feedback: keep a residual per bucket (:class:`fedcomp.ErrorFeedback`).
         start_iter: iterations of plain allreduce before compression starts (``>= 1``).
         min_compression_rate: compress a bucket only if its dense size is at least this
-            many times its compressed size (``>= 0``; PowerSGD's hook uses 2 by default).
+            many times its compressed size (``>= 0``; PyTorch's PowerSGD hook uses 2 by
+            default). ``PowerSGD`` applies its own ``min_compression_rate`` per matrix instead.
         process_group: the group to communicate in (``None``: the default group).
 
     The state pickles (e.g. inside a checkpoint) without its process group.
@@ -226,7 +225,7 @@ def _lowrank(state: CompressionState, base: PowerSGD, bucket, group) -> torch.fu
         a = flat.float() if residual is None else flat.float() + residual.float()
     mats = base._matrices(a, layout)
     dense = base._dense(a, layout)
-    ps = [m @ q for m, q in zip(mats, base._start(key, layout, a.device))]
+    ps = [qt @ m.T for m, qt in zip(mats, base._start(key, layout, a.device))]  # P^T = Q^T M^T [r, rows]
     first = torch.cat([p.reshape(-1) for p in ps] + dense) if ps or dense else a.new_zeros(0)
     state.compressed_buckets += 1
     state.bytes_dense += n * buf.element_size()
@@ -236,7 +235,7 @@ def _lowrank(state: CompressionState, base: PowerSGD, bucket, group) -> torch.fu
         p_flat = torch.cat([p.reshape(-1) for p in ps]) if ps else a.new_zeros(0)
         q_mean = summed_q.div_(world) if summed_q is not None else a.new_zeros(0)
         dense_mean = first[p_flat.numel() :].div_(world)
-        base._finish(key, _split_like(q_mean, [(m.shape[1], p.shape[1]) for m, p in zip(mats, ps)]))
+        base._finish(key, _split_like(q_mean, [(p.shape[0], m.shape[1]) for m, p in zip(mats, ps)]))
         out = lowrank_accumulate(
             torch.zeros(n, dtype=torch.float32, device=a.device), layout, p_flat, q_mean, dense_mean
         )
@@ -254,8 +253,8 @@ def _lowrank(state: CompressionState, base: PowerSGD, bucket, group) -> torch.fu
     # issue its collectives in bucket order (the next one, Q, from here).
     dist.all_reduce(first, group=group)
     ps_sum = _split_like(first, [tuple(p.shape) for p in ps])
-    ps = [orthonormalize(p) for p in ps_sum]
-    second = torch.cat([(m.T @ p).reshape(-1) for m, p in zip(mats, ps)])
+    ps = [orthonormalize_rows(p) for p in ps_sum]
+    second = torch.cat([(p @ m).reshape(-1) for m, p in zip(mats, ps)])  # Q^T = P^T M [r, cols]
     state.bytes_sent += second.numel() * second.element_size()
     dist.all_reduce(second, group=group)
     done = torch.futures.Future()

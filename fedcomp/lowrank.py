@@ -7,7 +7,9 @@ its first dimension, as PyTorch's PowerSGD hook does) and sent as two thin facto
     Q' = M^T P                   # [cols, r];   M ~ P Q'^T  (the projection of M on span(P))
 
 one step of subspace iteration started from the previous call's ``Q'`` (*warm start*), so
-that over calls the factors follow ``M``'s leading singular subspace. A tensor is sent as it
+that over calls the factors follow ``M``'s leading singular subspace. The products are
+computed transposed (``P^T = Q^T M^T``, ``Q'^T = P^T M``): with the thin factor on the left,
+BLAS runs them 5-20 times faster on a CPU at rank 2-4 than ``M Q`` and ``M^T P``. A tensor is sent as it
 is when it is a vector, or when ``r (rows + cols)`` would not be ``min_compression_rate``
 times smaller than ``rows * cols``; consecutive such tensors travel as one dense segment.
 
@@ -35,13 +37,20 @@ from .wire import Payload, lowrank_accumulate, wire_nbytes
 __all__ = ["PowerSGD", "orthonormalize"]
 
 
+def orthonormalize_rows(pt: Tensor) -> Tensor:
+    """:func:`orthonormalize` of ``pt^T``, transposed back: orthonormal rows spanning ``pt``'s
+    (``[r, rows]`` float32, the layout the factors are computed and sent in)."""
+    if pt.shape[0] == 1:
+        return pt / torch.linalg.vector_norm(pt).clamp_min(1e-30)
+    return torch.linalg.qr(pt.T, mode="reduced").Q.T
+
+
 def orthonormalize(p: Tensor) -> Tensor:
     """Orthonormal columns spanning ``p`` (``[rows, r]`` float32, ``r <= rows``): the ``Q`` factor of
     a Householder QR (``torch.linalg.qr``; stable, no per-column loop). A column that ``p`` does not
-    span (``p`` of lower rank, or zero) is still unit length, so ``P P^T M`` stays finite."""
-    if p.shape[1] == 1:  # one column: normalised without the LAPACK call (a zero one stays zero)
-        return p / torch.linalg.vector_norm(p).clamp_min(1e-30)
-    return torch.linalg.qr(p, mode="reduced").Q
+    span (``p`` of lower rank) is still unit length, and a zero single column stays zero, so
+    ``P P^T M`` stays finite."""
+    return orthonormalize_rows(p.T).T
 
 
 def _shape(shape, i: int) -> tuple[int, ...]:
@@ -103,7 +112,7 @@ class PowerSGD(Compressor):
             raise ValueError(f"min_compression_rate must be a finite number >= 0; got {min_compression_rate!r}")
         self.min_compression_rate = float(min_compression_rate)
         self.seed = ops._check_int("seed", seed, 0, (1 << 63) - 1)
-        self.q: dict[str, list[Tensor]] = {}  # key -> the warm Q [cols, r] float32 of each compressed matrix
+        self.q: dict[str, list[Tensor]] = {}  # key -> the warm Q^T [r, cols] float32 of each compressed matrix
         self.draws: dict[str, int] = {}  # key -> calls so far (numbers the fresh draws of Q)
         self._layouts: dict[tuple, list[tuple[int, int, int]]] = {}
         self._layout_tensors: dict[tuple, Tensor] = {}
@@ -162,10 +171,10 @@ class PowerSGD(Compressor):
 
     # -- the power iteration, in steps (the DDP hook all-reduces between them) -----------
     def _start(self, key: str, layout: list, device: torch.device) -> list[Tensor]:
-        """The ``Q [cols, r]`` (float32 on ``device``) each compressed segment of ``layout`` starts
-        from: the key's warm ``Q``, or a fresh Gaussian draw of ``(seed, key, matrix, call)``."""
+        """The ``Q^T [r, cols]`` (float32 on ``device``) each compressed segment of ``layout`` starts
+        from: the key's warm one, or a fresh Gaussian draw of ``(seed, key, matrix, call)``."""
         key = _check_key(key)
-        want = [(cols, r) for _, cols, r in layout if r]
+        want = [(r, cols) for _, cols, r in layout if r]
         warm = self.q.get(key) if self.warm_start else None
         if warm is not None:
             if [tuple(q.shape) for q in warm] != want:
@@ -177,13 +186,13 @@ class PowerSGD(Compressor):
         call = self.draws.get(key, 0)
         stream = splitmix64(self.seed, zlib.crc32(key.encode()))
         out = []
-        for i, (cols, r) in enumerate(want):
+        for i, (r, cols) in enumerate(want):
             g = torch.Generator().manual_seed(splitmix64(stream, (call << 24) + i))
-            out.append(torch.randn(cols, r, generator=g).to(device))
+            out.append(torch.randn(r, cols, generator=g).to(device))
         return out
 
     def _finish(self, key: str, qs: list[Tensor]) -> None:
-        """Count the call of ``key`` and keep its new ``Q`` factors for the next (warm start)."""
+        """Count the call of ``key`` and keep its new ``Q^T`` factors for the next (warm start)."""
         self.draws[key] = self.draws.get(key, 0) + 1
         if self.warm_start:
             self.q[key] = [q.clone() for q in qs]
@@ -235,13 +244,13 @@ class PowerSGD(Compressor):
         a = x.float() if residual is None else x.float() + residual.float()
         if a.data_ptr() % 64:  # BLAS rounds by alignment: a row of a stack is copied, so that the
             a = a.clone()  # same update gives the same payload wherever it lives (simulation, Flower)
-        qs = self._start(key, layout, a.device)
+        qts = self._start(key, layout, a.device)
         mats = self._matrices(a, layout)
-        ps = [orthonormalize(m @ q) for m, q in zip(mats, qs)]
-        new_qs = [m.T @ p for m, p in zip(mats, ps)]
-        self._finish(key, new_qs)
-        p_flat = _cat(ps, x.dtype, a.device)
-        q_flat = _cat(new_qs, x.dtype, a.device)
+        pts = [orthonormalize_rows(qt @ m.T) for m, qt in zip(mats, qts)]  # P^T [r, rows]
+        new_qts = [pt @ m for m, pt in zip(mats, pts)]  # Q^T = P^T M [r, cols]
+        self._finish(key, new_qts)
+        p_flat = _cat(pts, x.dtype, a.device)
+        q_flat = _cat(new_qts, x.dtype, a.device)
         dense = _cat(self._dense(a, layout), x.dtype, a.device)
         params = {"rank": self.rank, "segments": len(layout)}
         sections = (self._layout_tensor(layout, a.device), p_flat, q_flat, dense)
@@ -273,7 +282,7 @@ class PowerSGD(Compressor):
         q = {}
         for k, qs in state["q"].items():
             if not isinstance(qs, (list, tuple)) or not all(isinstance(t, Tensor) and t.dim() == 2 for t in qs):
-                raise ValueError(f"state['q'][{k!r}] must be a list of [cols, r] tensors")
+                raise ValueError(f"state['q'][{k!r}] must be a list of [r, cols] tensors")
             q[str(k)] = [t.float().clone() for t in qs]
         draws = {str(k): ops._check_int(f"state['draws'][{k!r}]", v, 0) for k, v in state["draws"].items()}
         self.q, self.draws = q, draws

@@ -41,7 +41,8 @@ lowrank    rank R, segments s  layout int64 ``[s, 3]``, P factors,         ``24*
 A low-rank payload (:class:`fedcomp.PowerSGD`) covers the flat tensor with ``s``
 consecutive segments; layout row ``(rows, cols, r)`` says the segment holds
 ``rows*cols`` entries, sent as ``P [rows, r] @ Q[cols, r]^T`` when ``r >= 1`` (``P``
-and ``Q`` are the next ``rows*r`` and ``cols*r`` values of their sections, row-major)
+and ``Q`` are the next ``rows*r`` and ``cols*r`` values of their sections, column after
+column: ``P^T`` and ``Q^T`` row-major)
 or as the next ``rows*cols`` dense values when ``r = 0``. ``r <= min(rows, cols, R)``
 and the segments' entries sum to ``n``.
 
@@ -175,9 +176,9 @@ def lowrank_accumulate(out: Tensor, layout, p: Tensor, q: Tensor, dense: Tensor,
         size = rows * cols
         seg = out[off : off + size]
         if r:
-            pm = p[po : po + rows * r].view(rows, r).to(torch.float32, copy=True)
-            qm = q[qo : qo + cols * r].view(cols, r).to(torch.float32, copy=True)
-            seg.view(rows, cols).addmm_(pm, qm.T, alpha=alpha)
+            pt = p[po : po + rows * r].view(r, rows).to(torch.float32, copy=True)  # P^T
+            qt = q[qo : qo + cols * r].view(r, cols).to(torch.float32, copy=True)  # Q^T
+            seg.view(rows, cols).addmm_(pt.T, qt, alpha=alpha)
             po, qo = po + rows * r, qo + cols * r
         else:
             seg.add_(dense[do : do + size], alpha=alpha)
