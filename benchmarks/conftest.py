@@ -41,6 +41,26 @@ def record(benchmark):
     return run
 
 
+@pytest.fixture(scope="session")
+def spawn_ranks(request, tmp_path_factory):
+    """Call as ``spawn_ranks(worker, world, name)``: runs ``worker(rank, port, out, small)`` on
+    ``world`` processes (``small``: the suite's ``--benchmark-disable`` smoke run) and returns
+    what they saved to ``out/name``."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from fedsynsam.flower.deploy import free_port
+
+    small = bool(request.config.getoption("benchmark_disable", False))
+
+    def run(worker, world: int, name: str):
+        out = tmp_path_factory.mktemp(name.partition(".")[0])
+        mp.spawn(worker, args=(free_port(), str(out), small), nprocs=world, join=True)
+        return torch.load(out / name, weights_only=False)
+
+    return run
+
+
 def pytest_terminal_summary(terminalreporter):
     for title, (header, rows) in _TABLES.items():
         terminalreporter.write_sep("=", title)

@@ -8,7 +8,7 @@ hook. Compression starts at step 10 (``start_iter`` / ``start_powerSGD_iter``); 
 hook uses error feedback. Per hook: the median time of a step (forward, backward with the hook,
 optimizer; the slower rank's), the bytes a rank contributes per compressed step (the tensors it
 hands to ``all_reduce`` / ``all_gather``, counted by wrapping those two functions, so that
-every hook is counted the same way), the training loss on a fixed 2,000-image subset at steps
+every hook is counted the same way), the training loss on all 4,000 training images at steps
 100, 200 and 400, and the step time modelled at 1 and 10 Gbit/s: the measured step on loopback
 plus bytes / bandwidth. Under ``--benchmark-disable`` (the suite's smoke run) it shrinks to a
 small MLP and 12 steps. Run with ``pytest benchmarks/test_bench_ddp_compare.py --benchmark-only -s``.
@@ -195,11 +195,8 @@ def _worker(rank: int, port: int, out: str, small: bool) -> None:
 
 
 @pytest.fixture(scope="module")
-def measured(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_ddp_compare")
-    small = bool(request.config.getoption("benchmark_disable", False))
-    mp.spawn(_worker, args=(free_port(), str(out), small), nprocs=WORLD, join=True)
-    return torch.load(out / "compare.pt", weights_only=False)
+def measured(spawn_ranks):
+    return spawn_ranks(_worker, WORLD, "compare.pt")
 
 
 def test_ddp_hooks_side_by_side(benchmark, table, measured):

@@ -23,10 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fedsynsam.dp import DPConfig
-from fedsynsam.flower.deploy import free_port
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
@@ -100,11 +98,8 @@ def _worker(rank: int, port: int, out: str, small: bool) -> None:
 
 
 @pytest.fixture(scope="module")
-def measured(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_dp")
-    small = bool(request.config.getoption("benchmark_disable", False))
-    mp.spawn(_worker, args=(free_port(), str(out), small), nprocs=WORLD, join=True)
-    return torch.load(out / "bench.pt", weights_only=False)
+def measured(spawn_ranks):
+    return spawn_ranks(_worker, WORLD, "bench.pt")
 
 
 def _ms(times) -> float:

@@ -120,6 +120,7 @@ class CompressionState:
         return {slot: getattr(self, slot) for slot in self.__slots__ if slot != "process_group"}
 
     def __setstate__(self, state):
+        self.seed_synced = False  # absent from states pickled before PowerSGD
         for slot, value in state.items():
             setattr(self, slot, value)
         self.process_group = None

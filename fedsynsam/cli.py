@@ -21,7 +21,7 @@ __all__ = ["main"]
 _FLAG_HELP = {
     "algorithm": "fedavg | fedsam | mofedsam | fedlesam | fedsynsam | dppf",
     "compressor": "none | topk | randk | sign | qsgd | powersgd | 3sfc | fedsynth (client uploads)",
-    "powersgd_rank": "PowerSGD: rank of each weight matrix's factors (also --rank)",
+    "powersgd_rank": "PowerSGD: rank of each weight matrix's factors",
     "ratio": "fraction of entries kept by topk / randk, in (0, 1]",
     "syn_objective": "FedSynSAM: gradient (match the trajectory's displacements) | sam-gradient (matched at "
     "w + eps) | trajectory (the first method)",

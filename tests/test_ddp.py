@@ -46,6 +46,27 @@ def _data(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x @ w).unsqueeze(1) + 0.01 * torch.randn(64, 1, generator=g)
 
 
+def _train(rank: int, module: torch.nn.Module, state: CompressionState, steps: int = 60) -> dict:
+    """``steps`` of SGD of ``module`` in DDP (small buckets) through the hook with ``state``:
+    the losses, the final parameters and the pickled state."""
+    model = DDP(module, bucket_cap_mb=0.005)
+    model.register_comm_hook(state, compression_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for step in range(steps):
+        x, y = _data(rank, step)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {
+        "losses": losses,
+        "params": [p.detach().clone() for p in model.parameters()],
+        "state": pickle.dumps(state),
+    }
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -71,23 +92,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         # 2. TopK and Sign with error feedback: the loss falls, fewer bytes are sent.
         results = {"identity_equal": identity_equal, "identity_compressed": state.compressed_buckets}
         for name, comp in (("topk", fedcomp.TopK(0.05)), ("sign", fedcomp.Sign(block=256))):
-            model = DDP(_model(1), bucket_cap_mb=0.005)
-            cstate = CompressionState(comp, error_feedback=True, start_iter=2)
-            model.register_comm_hook(cstate, compression_hook)
-            opt = torch.optim.SGD(model.parameters(), lr=0.05)
-            losses = []
-            for step in range(60):
-                x, y = _data(rank, step)
-                opt.zero_grad()
-                loss = torch.nn.functional.mse_loss(model(x), y)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            results[name] = {
-                "losses": losses,
-                "params": [p.detach().clone() for p in model.parameters()],
-                "state": pickle.dumps(cstate),
-            }
+            results[name] = _train(rank, _model(1), CompressionState(comp, error_feedback=True, start_iter=2))
         # 3. PowerSGD at full rank (nothing to lose) through several buckets == DDP's allreduce.
         full, plain = DDP(_deep_model(2), bucket_cap_mb=0.005), DDP(_deep_model(2), bucket_cap_mb=0.005)
         pstate = CompressionState(
@@ -105,23 +110,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             gaps.append(max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*grads)))
         results["powersgd_full"] = {"gaps": gaps, "buckets": sorted(pstate.compressor.q)}
         # 4. PowerSGD rank 1 with error feedback, several buckets: trains, every rank the same model.
-        model = DDP(_deep_model(1), bucket_cap_mb=0.005)
         lstate = CompressionState(fedcomp.PowerSGD(1, seed=rank), error_feedback=True, start_iter=2)
-        model.register_comm_hook(lstate, compression_hook)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        losses = []
-        for step in range(60):
-            x, y = _data(rank, step)
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        results["powersgd"] = {
-            "losses": losses,
-            "params": [p.detach().clone() for p in model.parameters()],
-            "state": pickle.dumps(lstate),
-        }
+        results["powersgd"] = _train(rank, _deep_model(1), lstate)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # every rank past its last collective before any closes its connections
     finally:

@@ -23,7 +23,9 @@ __all__ = ["add_parser"]
 DP_HELP = {
     "method": "ddp (gradients averaged every step) | localsgd (models averaged every tau steps) | dppf "
     "(pull toward the average and push away from it every tau steps)",
-    "compressor": "none | topk | sign | qsgd: what a synchronisation sends (ddp: through fedcomp's DDP hook)",
+    "compressor": "none | topk | sign | qsgd | powersgd: what a synchronisation sends (ddp: through fedcomp's "
+    "DDP hook)",
+    "powersgd_rank": "PowerSGD: rank of each weight matrix's factors",
     "ratio": "fraction of entries kept by topk, in (0, 1]",
     "error_feedback": "localsgd / ddp: keep an error-feedback residual per worker (true/false; unset: on but "
     "for qsgd); dppf carries what a payload left out in its published position either way",
