@@ -46,6 +46,26 @@ def _data(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x @ w).unsqueeze(1) + 0.01 * torch.randn(64, 1, generator=g)
 
 
+def _side_by_side(rank: int, hooked: DDP, plain: DDP, steps: int = 4, lr: float | None = None) -> list:
+    """Per step, the gradients of ``hooked`` and of ``plain`` on the same batch (two lists of
+    tensors); with ``lr``, both then take an SGD step of their own gradients."""
+    out = []
+    for step in range(steps):
+        x, y = _data(rank, step)
+        grads = []
+        for m in (hooked, plain):
+            m.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            grads.append([p.grad.clone() for p in m.parameters()])
+        out.append(grads)
+        if lr is not None:
+            with torch.no_grad():
+                for m in (hooked, plain):
+                    for p in m.parameters():
+                        p -= lr * p.grad
+    return out
+
+
 def _train(rank: int, module: torch.nn.Module, state: CompressionState, steps: int = 60) -> dict:
     """``steps`` of SGD of ``module`` in DDP (small buckets) through the hook with ``state``:
     the losses, the final parameters and the pickled state."""
@@ -76,19 +96,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         hooked, plain = DDP(_model(0), bucket_cap_mb=0.005), DDP(_model(0), bucket_cap_mb=0.005)
         state = CompressionState(fedcomp.Identity(), error_feedback=False, start_iter=1, min_compression_rate=1)
         hooked.register_comm_hook(state, compression_hook)
-        identity_equal = []
-        for step in range(4):
-            x, y = _data(rank, step)
-            grads = []
-            for m in (hooked, plain):
-                m.zero_grad()
-                torch.nn.functional.mse_loss(m(x), y).backward()
-                grads.append([p.grad.clone() for p in m.parameters()])
-            identity_equal.append(all(torch.equal(a, b) for a, b in zip(*grads)))
-            with torch.no_grad():
-                for m in (hooked, plain):
-                    for p in m.parameters():
-                        p -= 0.05 * p.grad
+        identity_equal = [
+            all(torch.equal(a, b) for a, b in zip(*grads)) for grads in _side_by_side(rank, hooked, plain, lr=0.05)
+        ]
         # 2. TopK and Sign with error feedback: the loss falls, fewer bytes are sent.
         results = {"identity_equal": identity_equal, "identity_compressed": state.compressed_buckets}
         for name, comp in (("topk", fedcomp.TopK(0.05)), ("sign", fedcomp.Sign(block=256))):
@@ -99,15 +109,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             fedcomp.PowerSGD(64, min_compression_rate=0, seed=rank), error_feedback=False, start_iter=1
         )
         full.register_comm_hook(pstate, compression_hook)
-        gaps = []
-        for step in range(4):
-            x, y = _data(rank, step)
-            grads = []
-            for m in (full, plain):
-                m.zero_grad()
-                torch.nn.functional.mse_loss(m(x), y).backward()
-                grads.append([p.grad.clone() for p in m.parameters()])
-            gaps.append(max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*grads)))
+        gaps = [
+            max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*grads))
+            for grads in _side_by_side(rank, full, plain)
+        ]
         results["powersgd_full"] = {"gaps": gaps, "buckets": sorted(pstate.compressor.q)}
         # 4. PowerSGD rank 1 with error feedback, several buckets: trains, every rank the same model.
         lstate = CompressionState(fedcomp.PowerSGD(1, seed=rank), error_feedback=True, start_iter=2)
