@@ -100,7 +100,9 @@ def _per_round(records: list[dict]) -> float:
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_flower_round_overhead(benchmark, table, in_process, federation, setting, tmp_path, algorithm):
+def test_flower_round_overhead(request, benchmark, table, in_process, federation, setting, tmp_path, algorithm):
+    if algorithm != "fedavg" and request.config.getoption("benchmark_disable", False):
+        pytest.skip("the suite's smoke run times FedAvg only (FedSynSAM on Flower: tests/test_flower.py)")
     clients, per_round, rounds = setting
     cfg, inproc = _cfg(algorithm, setting), in_process[algorithm]
 
