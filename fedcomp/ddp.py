@@ -232,7 +232,8 @@ def _lowrank(state: CompressionState, base: PowerSGD, bucket, group) -> torch.fu
     state.bytes_dense += n * buf.element_size()
     state.bytes_sent += first.numel() * first.element_size()
 
-    def finish(summed_q: Tensor | None) -> Tensor:
+    def finish(ps: list[Tensor], summed_q: Tensor | None) -> Tensor:
+        """The bucket from the orthonormal ``P^T`` factors and the all-reduced ``Q^T`` (and dense) ones."""
         p_flat = torch.cat([p.reshape(-1) for p in ps]) if ps else a.new_zeros(0)
         q_mean = summed_q.div_(world) if summed_q is not None else a.new_zeros(0)
         dense_mean = first[p_flat.numel() :].div_(world)
@@ -247,19 +248,18 @@ def _lowrank(state: CompressionState, base: PowerSGD, bucket, group) -> torch.fu
 
     if not ps:  # vectors only: one all-reduce (its callback only copies: the same bits on every rank)
         work = dist.all_reduce(first, group=group, async_op=True)
-        return work.get_future().then(lambda fut: finish(None))
+        return work.get_future().then(lambda fut: finish([], None))
     # Both all-reduces are waited for here, and the factors multiplied in this thread: a callback runs
     # on gloo's thread or inline, where BLAS may use another number of threads and round differently,
     # and the ranks' models would drift apart in the last bits. Waiting for P also makes this rank
     # issue its collectives in bucket order (the next one, Q, from here).
     dist.all_reduce(first, group=group)
-    ps_sum = _split_like(first, [tuple(p.shape) for p in ps])
-    ps = [orthonormalize_rows(p) for p in ps_sum]
+    ps = [orthonormalize_rows(p) for p in _split_like(first, [tuple(p.shape) for p in ps])]
     second = torch.cat([(p @ m).reshape(-1) for m, p in zip(mats, ps)])  # Q^T = P^T M [r, cols]
     state.bytes_sent += second.numel() * second.element_size()
     dist.all_reduce(second, group=group)
     done = torch.futures.Future()
-    done.set_result(finish(second))
+    done.set_result(finish(ps, second))
     return done
 
 
