@@ -76,10 +76,12 @@ def federation(setting, in_process, tmp_path_factory):
 
 PHASES = [  # (label, from, to) in out/flower_timings.jsonl
     ("SuperNode picks the message up, ClientApp process starts", "pushed", "process_start"),
-    ("imports (flwr, torch, fedcomp, fedsynsam)", "process_start", "imported"),
-    ("flwr hands the message to the app", "imported", "train_start"),
-    ("local steps + compression", "train_start", "train_end"),
-    ("reply reaches the ServerApp", "train_end", "seen"),
+    ("ClientApp imports (flwr, fedsynsam.flower)", "process_start", "imported"),
+    ("flwr hands the message to the app", "imported", "received"),
+    ("to the node's warm worker (incl. waiting for it to start)", "received", "work_start"),
+    ("local steps + compression", "work_start", "work_end"),
+    ("back to the ClientApp, reply made", "work_end", "replied"),
+    ("reply reaches the ServerApp", "replied", "seen"),
 ]
 
 

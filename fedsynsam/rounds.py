@@ -87,6 +87,8 @@ class RoundResult:
     finished: dict = field(default_factory=dict)  # DPPF: client -> its model after the local steps
     # 3SFC / FedSynth: each payload's cosine with the vector it encodes (update + residual)
     encode_cos: list = field(default_factory=list)
+    # Flower: {"client", "reason"} of each client whose node lost its saved state (it started over)
+    state_lost: list = field(default_factory=list)
 
 
 def partition_for(cfg: Config, labels: Tensor) -> list[list[int]]:

@@ -133,6 +133,9 @@ class Trainer:
         self.partition = partition_for(cfg, data.y_train)
         self.client_index = [torch.tensor(p, dtype=torch.long, device=self.device) for p in self.partition]
         self.uplink = build_uplink(cfg, self.model, self.spec, self.data)
+        # what a caller's own round runner keeps across a resume (plain data; e.g. the Flower
+        # server's per-client bookkeeping): saved in every checkpoint and restored with it
+        self.extra_state: dict = {}
         # 3SFC double-way: the server compresses what it broadcasts, with its own residual
         self.downlink = (
             build_uplink(cfg, self.model, self.spec, self.data, seed_offset=7919) if cfg.sfc_double_way else None
@@ -365,6 +368,8 @@ class Trainer:
             record["downlink_encode_cos"] = downlink_cos
         if result.failed:
             record["failed_clients"] = result.failed
+        if result.state_lost:
+            record["client_state_lost"] = result.state_lost
         if cfg.algorithm == "dppf" and st.workers:
             record["worker_spread"] = sum(float((m - st.w).norm()) for m in st.workers.values()) / len(st.workers)
         return record
@@ -445,6 +450,7 @@ class Trainer:
             "distill_losses": st.distill_losses,
             "config": self.cfg.to_dict(),
             "oracle": None if self.probe is None or self.probe.oracle is None else self.probe.oracle.state_dict(),
+            "extra": self.extra_state,
         }
 
     def load_checkpoint(self, ckpt: dict) -> None:
@@ -465,6 +471,8 @@ class Trainer:
         st.workers = {int(k): v.clone() for k, v in ckpt["workers"].items()}
         if self.probe is not None and ckpt.get("oracle") is not None:
             self.probe.oracle = SyntheticSet.from_state_dict(ckpt["oracle"])
+        self.extra_state.clear()
+        self.extra_state.update(ckpt.get("extra", {}))
 
     def _save_checkpoint(self) -> None:
         checkpoints.save(self.checkpoint(), self.out / checkpoints.CHECKPOINT)

@@ -8,12 +8,14 @@ only themselves, and their error-feedback state does not advance.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -131,11 +133,69 @@ def test_faults_cost_one_client_and_do_not_advance_its_error_feedback(federation
     # every other number equals an in-process run that drops the same payloads and restores the
     # failed clients' residuals: the nodes' error feedback did not advance on a failed round
     local, _ = _in_process(cfg, _dropping(expected))
+    assert _without_reasons(strip_seconds(flower)) == _without_reasons(strip_seconds(local))
 
-    def without_reasons(records):
-        return [{**r, "failed_clients": sorted(f["client"] for f in r.get("failed_clients", []))} for r in records]
 
-    assert without_reasons(strip_seconds(flower)) == without_reasons(strip_seconds(local))
+def _wait_for_rounds(out, rounds: int, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = out / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= rounds):
+        assert time.monotonic() < deadline, f"round {rounds} did not finish within {timeout:g}s"
+        time.sleep(0.2)
+
+
+def test_a_run_resumes_after_kill_9_of_its_superlink_and_a_restarted_supernode(tmp_path):
+    """Round 2: SuperNode 1 is killed (kill -9) while it works on its message and started again;
+    the round records client 1 as failed and the run goes on, client 1 on its new node. After
+    round 4 the SuperLink is killed (kill -9), the whole federation is gone; a new one on the same
+    node state folders resumes the run from its checkpoint. The 6 rounds equal an uninterrupted
+    in-process run with client 1's round-2 payload dropped: every node continued from its saved
+    residual (no state lost), the restarted one included."""
+    cfg = _cfg(algorithm="fedavg", compressor="topk", rounds=6, per_round=NODES)
+    out, nodes = tmp_path / "out", tmp_path / "nodes"
+    app = AppSettings(out=str(out), connect_timeout=90, round_timeout=12.0, inject_faults="hang:1@2")
+    write_app(tmp_path / "app", cfg, app)
+    env = {"OMP_NUM_THREADS": "1"}
+    with LocalFederation(NODES, tmp_path / "fed1", env=env, state_dir=nodes) as fed:
+        failure = []
+        run = threading.Thread(target=lambda: failure.append(_raises(fed.run, tmp_path / "app", timeout=600)))
+        run.start()
+        try:
+            _wait_for_rounds(out, 1)
+            time.sleep(4.0)  # round 2's messages are out; node 1 hangs in its (injected) work
+            fed.nodes[1].kill()
+            fed.nodes[1].wait()
+            fed.nodes[1] = fed.add_supernode(1, name="supernode-1-again")
+            _wait_for_rounds(out, 4)
+            fed.procs[0].kill()  # the SuperLink
+        finally:
+            run.join(timeout=120)
+        assert failure and isinstance(failure[0], FlowerRunError), failure
+        assert "partition 1 is now on SuperNode" in (fed.workdir / "run-1.log").read_text()
+    assert fed.alive() == []
+    done = len(out.joinpath("metrics.jsonl").read_text().splitlines())
+    assert 4 <= done < 6
+    write_app(tmp_path / "app", cfg, dataclasses.replace(app, resume=True))
+    with LocalFederation(NODES, tmp_path / "fed2", env=env, state_dir=nodes) as fed:
+        fed.run(tmp_path / "app", timeout=600)
+    flower = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in flower] == list(range(1, 7))
+    assert [f["client"] for f in flower[1]["failed_clients"]] == [1]
+    assert not any("failed_clients" in r for r in flower[2:]) and not any("client_state_lost" in r for r in flower)
+    local, _ = _in_process(cfg, _dropping({(2, 1): "killed"}))
+    assert _without_reasons(strip_seconds(flower)) == _without_reasons(strip_seconds(local))
+
+
+def _raises(fn, *args, **kw):
+    try:
+        fn(*args, **kw)
+    except Exception as e:
+        return e
+    return None
+
+
+def _without_reasons(records):
+    return [{**r, "failed_clients": sorted(f["client"] for f in r.get("failed_clients", []))} for r in records]
 
 
 def test_a_bad_run_config_fails_fast_with_the_setting_named(federation, tmp_path):
@@ -219,6 +279,30 @@ def test_sigterm_to_the_owner_still_tears_the_federation_down(tmp_path):
     for pid in survivors:  # a failing run of this test leaves nothing either
         os.kill(pid, signal.SIGKILL)
     assert survivors == []
+
+
+def test_tls_with_supernode_auth_admits_registered_nodes_only(tmp_path):
+    """TLS (a CA and a certificate for 127.0.0.1 made here) and ``--enable-supernode-auth`` with
+    each node's key registered: a SuperNode without a key, or with a key nobody registered, is
+    refused and the run, started with ``fedsynsam flower run --root-certificates``, is the
+    in-process run to the bit."""
+    cfg = Config(algorithm="fedavg", compressor="topk", rounds=2, clients=2, per_round=2).validate()
+    with LocalFederation(2, tmp_path / "fed", env={"OMP_NUM_THREADS": "1"}, secure=True) as fed:
+        no_key = fed.add_supernode(0, name="no-key")
+        stranger = fed.add_supernode(1, key=fed.make_key("stranger"), name="stranger")
+        for proc, name, why in ((no_key, "no-key", "must be registered"), (stranger, "stranger", "Failed to activate")):
+            assert proc.wait(timeout=60) != 0, f"the SuperLink admitted the {name} SuperNode"
+            assert why in (fed.workdir / f"{name}.log").read_text()
+        flags = ["--algorithm", "fedavg", "--compressor", "topk", "--rounds", "2", "--clients", "2"]
+        r = subprocess.run(
+            [sys.executable, "-m", "fedsynsam", "flower", "run", "--superlink", f"127.0.0.1:{fed.port}",
+             "--root-certificates", str(fed.tls.ca), "--out", str(tmp_path / "out"), "--per-round", "2", *flags],
+            env=fed.env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert fed.alive() == []
+    flower = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert strip_seconds(flower) == strip_seconds(_in_process(cfg)[0])
 
 
 def test_cli_refuses_bad_flower_settings_before_starting_anything(tmp_path):

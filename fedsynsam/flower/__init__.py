@@ -9,6 +9,8 @@ network splits them (:mod:`fedsynsam.rounds`):
 * :mod:`.client_app` -- the ClientApp: the client half (local steps with the algorithm's
   perturbation, then error-feedback compression); the payload goes up as its fedcomp
   bytes; the EF residual stays in the node's context state and is never sent.
+* :mod:`.node` -- what a ``train`` message does on a SuperNode; :mod:`.worker` -- the
+  SuperNode's warm worker process that runs it (Flower starts a process per message).
 * :mod:`.protocol` -- what the messages hold, and the checks on every reply.
 * :mod:`.settings` -- the run config: every :class:`~fedsynsam.config.Config` setting plus
   the app's own (``out``, ``round_timeout``, ``connect_timeout``, ``inject_faults``).
@@ -20,7 +22,25 @@ Needs the ``flower`` extra: ``pip install "fedcomp[flower]"``.
 
 from __future__ import annotations
 
-__all__ = ["require_flwr"]
+__all__ = ["RECORD", "partition_of", "require_flwr"]
+
+RECORD = "fedsynsam"  # the name of the ConfigRecord every fedsynsam message carries
+
+
+def partition_of(node_config, clients) -> int:
+    """This node's ``partition-id``, checked against its ``num-partitions`` and the run's ``clients``."""
+    try:
+        client = int(node_config["partition-id"])
+        parts = int(node_config["num-partitions"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"this SuperNode needs --node-config 'partition-id=I num-partitions=N'; got {dict(node_config)}"
+        ) from None
+    if parts != int(clients) or not 0 <= client < parts:
+        raise ValueError(
+            f"node-config partition-id={client} num-partitions={parts} does not fit the run's clients={clients}"
+        )
+    return client
 
 
 def require_flwr():

@@ -23,7 +23,10 @@ __all__ = ["add_parser"]
 
 def _app_settings(args, out: Path) -> AppSettings:
     return AppSettings(
-        out=str(out.resolve()), round_timeout=args.round_timeout, connect_timeout=args.connect_timeout
+        out=str(out.resolve()),
+        round_timeout=args.round_timeout,
+        connect_timeout=args.connect_timeout,
+        resume=getattr(args, "resume", False),
     ).validate()
 
 
@@ -47,7 +50,7 @@ def _demo(args, resolve, csv_list, seed_list) -> int:
     work = Path(tempfile.mkdtemp(prefix="flower-", dir=out))
     env = {"OMP_NUM_THREADS": "1"} if args.single_thread else {}
     echo = None if args.quiet else (lambda line: print(line, flush=True) if "fedsynsam:" in line else None)
-    fed = LocalFederation(clients, work, env=env)
+    fed = LocalFederation(clients, work, env=env, secure=args.secure)
 
     def runner(cfg: Config, run_dir: Path) -> None:
         if run_dir.exists():  # a run that did not finish: node state is per run, so start it over
@@ -61,6 +64,11 @@ def _demo(args, resolve, csv_list, seed_list) -> int:
 
     with fed:
         print(f"fedsynsam flower: SuperLink on 127.0.0.1:{fed.port}, {clients} SuperNodes; logs in {work}")
+        if args.secure:
+            print(
+                f"fedsynsam flower: TLS (CA {fed.tls.ca}) and SuperNode authentication "
+                f"({clients} keys registered, in {work / 'keys'})"
+            )
         run_grid(base, algorithms, compressors, seeds, out, progress=False, runner=runner)
     shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -135,6 +143,11 @@ def add_parser(sub, add_config_flags, resolve, csv_list, seed_list) -> None:
     demo.add_argument("--seeds", default="0", help="comma-separated integers (default: 0)")
     demo.add_argument("--single-thread", action="store_true", help="OMP_NUM_THREADS=1 in every Flower process")
     demo.add_argument("--quiet", action="store_true", help="no per-round log lines")
+    demo.add_argument(
+        "--secure",
+        action="store_true",
+        help="TLS with a CA made for the demo, and SuperNode authentication with each node's key registered",
+    )
     common(demo)
     add_config_flags(demo, skip=("algorithm", "compressor", "seed"))
     demo.set_defaults(func=lambda a: _demo(a, resolve, csv_list, seed_list))
@@ -144,6 +157,12 @@ def add_parser(sub, add_config_flags, resolve, csv_list, seed_list) -> None:
     run.add_argument("--root-certificates", help="CA certificate (PEM) of the SuperLink's TLS certificate")
     run.add_argument("--insecure", action="store_true", help="no TLS (only for a SuperLink on loopback)")
     run.add_argument("--out", required=True, help="output folder on the SuperLink's machine")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (after its ServerApp or SuperLink died); "
+        "nodes started with --node-config 'state-dir=\"DIR\"' continue from their saved residuals",
+    )
     common(run)
     add_config_flags(run)
     run.set_defaults(func=lambda a: _run(a, resolve))

@@ -4,7 +4,8 @@ Used by the tests, ``fedsynsam flower demo`` and the benchmark. Every process is
 with free ports, bounded waits and a marker in its environment; :meth:`LocalFederation.stop`
 (also on exceptions, via ``with``) ends every process carrying the marker -- including the
 SuperExec, ServerApp and ClientApp processes Flower starts detached in their own sessions --
-so nothing is left behind. ``--insecure`` is used only here, on the loopback interface.
+so nothing is left behind. ``--insecure`` is used only here, on the loopback interface, and
+not at all with ``secure=True`` (TLS and SuperNode authentication).
 """
 
 from __future__ import annotations
@@ -12,21 +13,43 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
-__all__ = ["LocalFederation", "FlowerRunError", "flwr_run", "free_port", "flwr_bin", "LATENCY_ENV"]
+__all__ = [
+    "LocalFederation",
+    "FlowerRunError",
+    "flwr_run",
+    "free_port",
+    "flwr_bin",
+    "LATENCY_ENV",
+    "task_poll_interval",
+]
 
 # The environment that shortens a round (flwr 1.42): each SuperNode's SuperExec looks for new
 # ClientApp tasks every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (default 1; 0.01-60 allowed),
 # and with telemetry on every short-lived flwr process may wait on exit to send its event.
 LATENCY_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def task_poll_interval(supernodes: int) -> float:
+    """``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` for ``supernodes`` SuperNodes sharing one machine.
+
+    Each SuperExec's poll is a request its SuperNode answers: measured here (2 cores, 20 idle
+    SuperNodes), polling every 0.1 s kept 1.09 cores busy, every 0.5 s 0.30 and every 1 s 0.22.
+    So the interval grows with the node count (0.025 s per node, 0.1 s to 1 s): a message
+    waits half an interval on average for its SuperExec, and the machine stays free for work.
+    """
+    return min(1.0, max(0.1, 0.025 * supernodes))
+
 
 CONNECTION = "fedsynsam-local"
 _MARK = "FEDSYNSAM_FEDERATION"
@@ -142,30 +165,57 @@ class LocalFederation:
             the Flower configuration (``flwr-home/``).
         env: extra environment for every process (e.g. ``OMP_NUM_THREADS=1``).
         startup_timeout: seconds to wait for the SuperLink to listen.
+        secure: TLS and SuperNode authentication instead of ``--insecure``: a CA and a certificate
+            for 127.0.0.1 are made in ``workdir/tls/`` (:func:`~fedsynsam.flower.secure.make_tls`),
+            the SuperLink runs with ``--enable-supernode-auth``, and each SuperNode gets a key pair
+            in ``workdir/keys/`` whose public key is registered (``flwr supernode register``)
+            before the node starts with it.
+        state_dir: a folder for the nodes' saved state (node ``i`` gets ``state-dir=STATE_DIR/node-i``
+            in its node config; see :mod:`fedsynsam.flower.node`), so that a resumed run, or a
+            SuperNode started again, continues from it. None: state in memory only.
 
-    Every process gets :data:`LATENCY_ENV` and ``OMP_NUM_THREADS`` = the machine's cores divided
-    by ``supernodes`` (at least 1), unless this process's environment or ``env`` sets them.
+    Every process gets :data:`LATENCY_ENV` with the SuperExec poll interval of
+    :func:`task_poll_interval`, and ``OMP_NUM_THREADS`` = the machine's cores divided by
+    ``supernodes`` (at least 1), unless this process's environment or ``env`` sets them.
     """
 
-    def __init__(self, supernodes: int, workdir, *, env: dict | None = None, startup_timeout: float = 60.0):
+    def __init__(
+        self,
+        supernodes: int,
+        workdir,
+        *,
+        env: dict | None = None,
+        startup_timeout: float = 60.0,
+        secure: bool = False,
+        state_dir=None,
+    ):
         if isinstance(supernodes, bool) or not isinstance(supernodes, int) or supernodes < 1:
             raise ValueError(f"supernodes must be an integer >= 1; got {supernodes!r}")
         self.supernodes, self.workdir = supernodes, Path(workdir)
-        self.startup_timeout = startup_timeout
+        self.startup_timeout, self.secure, self.tls = startup_timeout, secure, None
+        self.nodes: list[subprocess.Popen] = []  # the SuperNodes of partitions 0 .. supernodes-1
+        self.state_dir = None if state_dir is None else Path(state_dir)
         self.token = uuid.uuid4().hex
         self.procs: list[subprocess.Popen] = []
         self.port: int | None = None
         self.runs = 0
         bindir = str(Path(sys.executable).parent)  # SuperNodes start flower-superexec by name
+        # the nodes' warm workers (fedsynsam.flower.worker) put their sockets and logs in a short
+        # folder of this federation's, removed with it, unless this environment names one
+        self.worker_dir = None
+        if "FEDSYNSAM_WORKER_DIR" not in os.environ and "FEDSYNSAM_WORKER_DIR" not in (env or {}):
+            self.worker_dir = Path(tempfile.mkdtemp(prefix="fedsynsam-workers-"))
         # N SuperNodes share this machine: split its cores between them unless told otherwise
         threads = str(max(1, (os.cpu_count() or 1) // supernodes))
         self.env = {
             **LATENCY_ENV,
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": f"{task_poll_interval(supernodes):g}",
             "OMP_NUM_THREADS": threads,
             **os.environ,
             **(env or {}),
             "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
             "FLWR_HOME": str(self.workdir / "flwr-home"),
+            **({} if self.worker_dir is None else {"FEDSYNSAM_WORKER_DIR": str(self.worker_dir)}),
             "PYTHONUNBUFFERED": "1",
             _MARK: self.token,
         }
@@ -177,17 +227,34 @@ class LocalFederation:
         self.procs.append(proc)
         return proc
 
+    def _superlink_args(self) -> list[str]:
+        if not self.secure:
+            return ["--insecure"]
+        from .secure import make_tls
+
+        self.tls = make_tls(self.workdir / "tls")
+        return [
+            "--ssl-ca-certfile",
+            str(self.tls.ca),
+            "--ssl-certfile",
+            str(self.tls.cert),
+            "--ssl-keyfile",
+            str(self.tls.key),
+            "--enable-supernode-auth",
+        ]
+
     def start(self) -> LocalFederation:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "flwr-home").mkdir(exist_ok=True)
         try:
+            link_args = self._superlink_args()
             for attempt in range(3):  # a free port can be taken between the check and the bind
                 self.port = free_port()
                 log = self.workdir / "superlink.log"
                 link = self._spawn(
                     [
                         flwr_bin("flower-superlink"),
-                        "--insecure",
+                        *link_args,
                         "--disable-runtime-dependency-installation",
                         "--port",
                         str(self.port),
@@ -206,37 +273,74 @@ class LocalFederation:
                         f"flower-superlink did not listen on 127.0.0.1:{self.port} within "
                         f"{self.startup_timeout:g}s (exit code {link.poll()}):\n{_tail(log)}"
                     )
-            for i in range(self.supernodes):
-                self._spawn(
-                    [
-                        flwr_bin("flower-supernode"),
-                        "--insecure",
-                        "--superlink",
-                        f"127.0.0.1:{self.port}",
-                        "--port",
-                        str(free_port()),
-                        "--node-config",
-                        f"partition-id={i} num-partitions={self.supernodes}",
-                        "--max-retries",
-                        "5",
-                        "--max-wait-time",
-                        "30",
-                    ],
-                    self.workdir / f"supernode-{i}.log",
-                )
+            trust = f'root-certificates = "{self.tls.ca}"' if self.secure else "insecure = true"
             (self.workdir / "flwr-home" / "config.toml").write_text(
                 f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-                f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+                f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n{trust}\n'
             )
+            for i in range(self.supernodes):
+                key = self.register(self.make_key(f"node-{i}")) if self.secure else None
+                self.nodes.append(self.add_supernode(i, key=key))
         except BaseException:
             self.stop()
             raise
         return self
 
+    def make_key(self, name: str) -> Path:
+        """A new SuperNode key pair in ``workdir/keys/`` (not registered); the private key's path."""
+        from .secure import make_node_key
+
+        return make_node_key(self.workdir / "keys" / f"{name}.key")[0]
+
+    def register(self, key: Path) -> Path:
+        """``flwr supernode register KEY.pub``: the SuperLink admits SuperNodes holding ``key``."""
+        log = self.workdir / f"register-{key.stem}.log"
+        with log.open("wb") as f:
+            done = subprocess.run(
+                [flwr_bin("flwr"), "supernode", "register", str(key) + ".pub", CONNECTION],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                timeout=self.startup_timeout,
+            )
+        if done.returncode != 0:
+            raise FlowerRunError(f"flwr supernode register {key}.pub failed:\n{_tail(log)}")
+        return key
+
+    def add_supernode(self, partition: int, *, key: Path | None = None, name: str | None = None) -> subprocess.Popen:
+        """Start a SuperNode holding ``partition`` (log: ``workdir/NAME.log``, default
+        ``supernode-PARTITION``; with the federation's ``state_dir``, that node's state folder).
+        On a secure federation it connects over TLS with the private ``key`` (None: no key, which
+        the SuperLink refuses)."""
+        trust = ["--root-certificates", str(self.tls.ca)] if self.secure else ["--insecure"]
+        if key is not None:
+            trust += ["--auth-supernode-private-key", str(key)]
+        node_config = f"partition-id={partition} num-partitions={self.supernodes}"
+        if self.state_dir is not None:
+            node_config += f' state-dir="{(self.state_dir / f"node-{partition}").resolve()}"'
+        return self._spawn(
+            [
+                flwr_bin("flower-supernode"),
+                *trust,
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--port",
+                str(free_port()),
+                "--node-config",
+                node_config,
+                "--max-retries",
+                "5",
+                "--max-wait-time",
+                "30",
+            ],
+            self.workdir / f"{name or f'supernode-{partition}'}.log",
+        )
+
     def _serving(self, log: Path) -> bool:
         """The SuperLink says it serves on our port, and something answers there."""
         try:
-            said = f"Uvicorn running on http://127.0.0.1:{self.port}" in log.read_text(errors="replace")
+            text = log.read_text(errors="replace")
+            said = any(f"Uvicorn running on {scheme}://127.0.0.1:{self.port}" in text for scheme in ("http", "https"))
         except OSError:
             return False
         return said and _listening(self.port)
@@ -248,7 +352,7 @@ class LocalFederation:
         with each output line (e.g. ``print``). Raises :class:`FlowerRunError` if the run fails
         or outlives ``timeout`` seconds.
         """
-        for i, proc in enumerate(self.procs[1:]):
+        for i, proc in enumerate(self.nodes):
             if proc.poll() is not None:
                 raise FlowerRunError(
                     f"SuperNode {i} exited (code {proc.returncode}):\n{_tail(self.workdir / f'supernode-{i}.log')}"
@@ -271,7 +375,7 @@ class LocalFederation:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        self.procs = []
+        self.procs, self.nodes = [], []
 
     def _wait_procs(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -295,6 +399,8 @@ class LocalFederation:
             while pids and time.monotonic() < deadline:
                 pids = self.alive()
                 time.sleep(0.1)
+        if self.worker_dir is not None:
+            shutil.rmtree(self.worker_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalFederation:
         # SIGTERM (``timeout``, a CI runner, ``kill``) would end this process without unwinding

@@ -36,10 +36,9 @@ import fedcomp
 
 from ..rounds import RoundPlan
 from ..synthetic import SyntheticSet
+from . import RECORD  # the record's name, shared with the torch-free ClientApp
 
 __all__ = ["RECORD", "dense_bytes_of", "dense_from", "encode_plan", "decode_plan", "check_reply"]
-
-RECORD = "fedsynsam"
 
 
 def dense_bytes_of(t: Tensor) -> bytes:

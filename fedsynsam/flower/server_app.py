@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -27,7 +28,7 @@ from ..trainer import Trainer
 from . import protocol
 from .settings import from_run_config
 
-__all__ = ["app", "FlowerClients"]
+__all__ = ["app", "FlowerClients", "TIMING"]
 
 app = ServerApp()
 # errors the SuperLink itself puts in a reply: the message expired, or its node left the federation
@@ -55,7 +56,7 @@ class FlowerClients:
         self.round_timeout, self.poll_interval = round_timeout, poll_interval
         self.pushed, self.seen = 0.0, {}  # when the last exchange pushed; message id -> reply seen
         self.nodes = self._discover(trainer.cfg.clients, connect_timeout)
-        self.accepted: dict[int, int] = {}  # client -> last round whose payload was aggregated
+        self.strangers: set[int] = set()  # node ids that answered a query with no partition of this run
         self.message_bytes = {"down": 0, "up": 0}  # Flower's serialised messages, for the benchmark
 
     def exchange(self, messages: list[Message], timeout: float) -> list[Message]:
@@ -79,23 +80,32 @@ class FlowerClients:
             time.sleep(min(self.poll_interval, left))
         return replies
 
+    def _ask(self, node_ids, timeout: float) -> dict[int, int]:
+        """``partition-id -> node id`` from the nodes ``node_ids`` that answered a query in ``timeout``."""
+        msgs = [Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY, ttl=timeout) for n in node_ids]
+        found: dict[int, int] = {}
+        for reply in self.exchange(msgs, timeout) if msgs else ():
+            node = reply.metadata.src_node_id
+            if reply.has_error() and reply.error.code in _UNAVAILABLE:
+                continue  # Flower's own: the query expired unanswered or its node left
+            if reply.has_error():
+                raise ValueError(f"SuperNode {node} cannot serve this run: {_reason(reply)}")
+            pid = int(reply.content[protocol.RECORD]["partition-id"])
+            if pid in found:
+                raise ValueError(f"SuperNodes {found[pid]} and {node} both hold partition-id={pid}")
+            found[pid] = node
+        return found
+
     def _discover(self, clients: int, timeout: float) -> dict[int, int]:
         """``partition-id -> node id`` for every partition, asking each connected node once."""
         nodes: dict[int, int] = {}
         asked: set[int] = set()
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = began + timeout
         while len(nodes) < clients:
             new = [n for n in self.grid.get_node_ids() if n not in asked]
             asked.update(new)
-            msgs = [Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY, ttl=timeout) for n in new]
-            left = max(deadline - time.monotonic(), 1.0)
-            for reply in self.exchange(msgs, left) if msgs else ():
-                node = reply.metadata.src_node_id
-                if reply.has_error() and reply.error.code in _UNAVAILABLE:
-                    continue  # Flower's own: the query expired unanswered or its node left
-                if reply.has_error():
-                    raise ValueError(f"SuperNode {node} cannot serve this run: {_reason(reply)}")
-                pid = int(reply.content[protocol.RECORD]["partition-id"])
+            for pid, node in self._ask(new, max(deadline - time.monotonic(), 1.0)).items():
                 if pid in nodes:
                     raise ValueError(f"SuperNodes {nodes[pid]} and {node} both hold partition-id={pid}")
                 nodes[pid] = node
@@ -109,18 +119,48 @@ class FlowerClients:
                         f"'partition-id=I num-partitions={clients}'); connected: {sorted(nodes)}"
                     )
                 time.sleep(0.5)
-        self.log(f"{clients} SuperNodes connected, one per partition")
+        self.log(f"{clients} SuperNodes connected, one per partition ({time.monotonic() - began:.1f} s)")
         return nodes
+
+    def _rejoined(self, plan: RoundPlan) -> None:
+        """A SuperNode that restarted comes back with a new node id: before a round, ask the nodes
+        that joined since the last look which partition they hold, and send that partition's
+        messages there from now on (a node that does not answer in time is asked again later)."""
+        new = set(self.grid.get_node_ids()) - set(self.nodes.values()) - self.strangers
+        if not new:
+            return
+        found = self._ask(sorted(new), min(self.round_timeout, 30.0))
+        for pid, node in found.items():
+            if 0 <= pid < self.trainer.cfg.clients:
+                self.log(
+                    f"round {plan.round + 1}: partition {pid} is now on SuperNode {node} (was {self.nodes.get(pid)})"
+                )
+                self.nodes[pid] = node
+        self.strangers |= {n for n in found.values() if n not in self.nodes.values()}
+
+    def _book(self) -> dict:
+        """What the server keeps per client across a resume (in the trainer's checkpoint): the run's
+        key for the nodes' saved state, and per client the last round whose payload was aggregated
+        and the last round whose reply came back."""
+        book = self.trainer.extra_state.setdefault("flower", {})
+        book.setdefault("run_key", uuid.uuid4().hex)
+        book.setdefault("accepted", {})
+        book.setdefault("replied", {})
+        return book
 
     def __call__(self, plan: RoundPlan) -> RoundResult:
         tr = self.trainer
         st, uplink = tr.state, tr.uplink
+        self._rejoined(plan)
+        book = self._book()
+        checkpointed = (plan.round // tr.cfg.checkpoint_every) * tr.cfg.checkpoint_every
         expect_kind = "identity" if isinstance(uplink, ModelCompressor) else uplink.kind
         expect_numel = uplink.floats() if isinstance(uplink, ModelCompressor) else tr.numel
         msgs, down, sent_syn = {}, 0, set()
         for j, c in enumerate(plan.clients):
             send_syn = tr.hand_synthetic(plan, c)
-            fields, nbytes = protocol.encode_plan(plan, c, plan.first_call + j, self.accepted.get(c, -1), send_syn)
+            fields, nbytes = protocol.encode_plan(plan, c, plan.first_call + j, book["accepted"].get(c, -1), send_syn)
+            fields.update(run_key=book["run_key"], replied_round=book["replied"].get(c, -1), checkpointed=checkpointed)
             if send_syn:
                 sent_syn.add(c)
             down += nbytes
@@ -141,7 +181,7 @@ class FlowerClients:
         for reply in self.exchange(list(msgs.values()), self.round_timeout):
             by_node[reply.metadata.src_node_id] = reply
         self._log_timings(plan, by_node)
-        payloads, losses, failed, encode_cos = [], [], [], []
+        payloads, losses, failed, encode_cos, lost = [], [], [], [], []
         for c in plan.clients:
             reply = by_node.get(self.nodes[c])
             try:
@@ -151,26 +191,30 @@ class FlowerClients:
                     raise ValueError(f"the ClientApp failed: {_reason(reply)}")
                 self.message_bytes["up"] += _wire_size(reply)
                 fields = reply.content[protocol.RECORD]
+                book["replied"][c] = plan.round
+                if "state_lost" in fields:
+                    lost.append({"client": c, "reason": str(fields["state_lost"])})
                 payload = protocol.check_reply(
                     fields, client=c, round=plan.round, numel=expect_numel, kind=expect_kind, device=tr.device
                 )
             except (ValueError, KeyError, TypeError) as e:
                 failed.append({"client": c, "reason": str(e)})
-                if c in sent_syn:  # it may not hold D_syn: send it again next time
-                    st.client_syn_version.pop(c, None)
+                # it may not hold D_syn (never got it, or its node lost its state): send it next time
+                st.client_syn_version.pop(c, None)
                 self.log(f"round {plan.round + 1}: client {c} failed: {e}")
                 continue
             payloads.append(payload)
             losses.append(float(fields["loss"]))
             if "encode_cos" in fields:
                 encode_cos.append(float(fields["encode_cos"]))
-            self.accepted[c] = plan.round
-        return RoundResult(payloads, losses, down, failed=failed, encode_cos=encode_cos)
+            book["accepted"][c] = plan.round
+        return RoundResult(payloads, losses, down, failed=failed, encode_cos=encode_cos, state_lost=lost)
 
     def _log_timings(self, plan: RoundPlan, by_node: dict) -> None:
         """One line per replying client in ``out/flower_timings.jsonl`` (epoch seconds): when the
-        server pushed, when the ClientApp process started, finished importing, started and ended
-        this message, and when the server saw the reply. Same-machine clocks only (loopback)."""
+        server pushed; when the ClientApp process started, finished importing and got the message;
+        when the work (in the node's warm worker, or in the ClientApp) began and ended; when the
+        ClientApp replied; when the server saw the reply. Same-machine clocks only (loopback)."""
         out = self.trainer.out
         if out is None:
             return
@@ -179,14 +223,17 @@ class FlowerClients:
             reply = by_node.get(self.nodes[c])
             if reply is None or reply.has_error() or "timing" not in reply.content[protocol.RECORD]:
                 continue
-            process, imported, start, end = (float(t) for t in reply.content[protocol.RECORD]["timing"])
+            marks = [float(t) for t in reply.content[protocol.RECORD]["timing"]]
             seen = self.seen.get(reply.metadata.reply_to_message_id, float("nan"))
-            times = dict(pushed=self.pushed, process_start=process, imported=imported, train_start=start)
-            times.update(train_end=end, seen=seen)
+            times = dict(pushed=self.pushed, **dict(zip(TIMING, marks)), seen=seen)
             times = {k: None if math.isnan(v) else v for k, v in times.items()}
             lines.append(json.dumps({"round": plan.round + 1, "client": c, **times}))
         with open(out / "flower_timings.jsonl", "a") as f:
             f.write("".join(line + "\n" for line in lines))
+
+
+# the ClientApp's reply["timing"], in order (epoch seconds)
+TIMING = ("process_start", "imported", "received", "work_start", "work_end", "replied")
 
 
 def _wire_size(obj) -> int:
@@ -213,7 +260,7 @@ def main(grid: Grid, context: Context) -> None:
         poll_interval=settings.poll_interval,
     )
     start = time.perf_counter()
-    records = trainer.run(progress=False, clients=_Logged(clients, cfg.rounds))
+    records = trainer.run(resume=settings.resume, progress=False, clients=_Logged(clients, cfg.rounds))
     last = [r for r in records if r["test_acc"] is not None][-1]
     wire = {
         "supernodes": len(clients.nodes),

@@ -32,6 +32,7 @@ class AppSettings:
     connect_timeout: float = 120.0  # seconds the server waits for one SuperNode per partition
     poll_interval: float = 0.1  # seconds between the server's pulls for replies (Flower's own: 3 s)
     inject_faults: str = ""  # testing fault handling: "KIND:CLIENT@ROUND,..." (see parse_faults)
+    resume: bool = False  # continue the run in ``out`` from its checkpoint (fedsynsam flower run --resume)
 
     def validate(self) -> AppSettings:
         if not isinstance(self.out, str) or not self.out:
@@ -42,6 +43,8 @@ class AppSettings:
                 raise ValueError(f"{name} must be a number of seconds > 0; got {v!r}")
             setattr(self, name, float(v))
         parse_faults(self.inject_faults)
+        if not isinstance(self.resume, bool):
+            raise ValueError(f"resume must be true or false; got {self.resume!r}")
         return self
 
 
