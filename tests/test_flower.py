@@ -67,7 +67,8 @@ def _in_process(cfg, clients=None) -> tuple[list[dict], Trainer]:
     ],
 )
 def test_flower_run_equals_the_in_process_run(federation, tmp_path, algorithm, compressor, extra):
-    cfg = _cfg(algorithm=algorithm, compressor=compressor, **extra)
+    # FedSynSAM needs 4 rounds to use its distilled set; 3 show the others' state carried over
+    cfg = _cfg(algorithm=algorithm, compressor=compressor, rounds=4 if algorithm == "fedsynsam" else 3, **extra)
     flower = _flower_run(federation, tmp_path, cfg)
     local, trainer = _in_process(cfg)
     assert strip_seconds(flower) == strip_seconds(local)
@@ -113,7 +114,7 @@ def test_faults_cost_one_client_and_do_not_advance_its_error_feedback(federation
     # round 2: every client fails (the model is kept); then one fault of each kind; hang last
     faults = "raise:0@2,flip:1@2,truncate:2@2,numel:0@3,kind:1@4,truncate:0@4,hang:2@5"
     cfg = _cfg(algorithm="fedavg", compressor="topk", rounds=5, per_round=NODES)
-    flower = _flower_run(federation, tmp_path, cfg, round_timeout=25.0, inject_faults=faults)
+    flower = _flower_run(federation, tmp_path, cfg, round_timeout=15.0, inject_faults=faults)
     expected = {
         (2, 0): "injected fault",
         (2, 1): "checksum mismatch",
@@ -121,7 +122,7 @@ def test_faults_cost_one_client_and_do_not_advance_its_error_feedback(federation
         (3, 0): "entries; expected",
         (4, 1): "payload is 'sign'",
         (4, 0): "truncated",
-        (5, 2): "no reply within round_timeout=25s",
+        (5, 2): "no reply within round_timeout=15s",
     }
     for (rnd, client), text in expected.items():
         failed = {f["client"]: f["reason"] for f in flower[rnd - 1].get("failed_clients", [])}
@@ -147,11 +148,11 @@ def _wait_for_rounds(out, rounds: int, timeout: float = 300.0) -> None:
 def test_a_run_resumes_after_kill_9_of_its_superlink_and_a_restarted_supernode(tmp_path):
     """Round 2: SuperNode 1 is killed (kill -9) while it works on its message and started again;
     the round records client 1 as failed and the run goes on, client 1 on its new node. After
-    round 4 the SuperLink is killed (kill -9), the whole federation is gone; a new one on the same
-    node state folders resumes the run from its checkpoint. The 6 rounds equal an uninterrupted
+    round 3 the SuperLink is killed (kill -9), the whole federation is gone; a new one on the same
+    node state folders resumes the run from its checkpoint. The 5 rounds equal an uninterrupted
     in-process run with client 1's round-2 payload dropped: every node continued from its saved
     residual (no state lost), the restarted one included."""
-    cfg = _cfg(algorithm="fedavg", compressor="topk", rounds=6, per_round=NODES)
+    cfg = _cfg(algorithm="fedavg", compressor="topk", rounds=5, per_round=NODES)
     out, nodes = tmp_path / "out", tmp_path / "nodes"
     app = AppSettings(out=str(out), connect_timeout=90, round_timeout=12.0, inject_faults="hang:1@2")
     write_app(tmp_path / "app", cfg, app)
@@ -166,7 +167,7 @@ def test_a_run_resumes_after_kill_9_of_its_superlink_and_a_restarted_supernode(t
             fed.nodes[1].kill()
             fed.nodes[1].wait()
             fed.nodes[1] = fed.add_supernode(1, name="supernode-1-again")
-            _wait_for_rounds(out, 4)
+            _wait_for_rounds(out, 3)
             fed.procs[0].kill()  # the SuperLink
         finally:
             run.join(timeout=120)
@@ -174,12 +175,12 @@ def test_a_run_resumes_after_kill_9_of_its_superlink_and_a_restarted_supernode(t
         assert "partition 1 is now on SuperNode" in (fed.workdir / "run-1.log").read_text()
     assert fed.alive() == []
     done = len(out.joinpath("metrics.jsonl").read_text().splitlines())
-    assert 4 <= done < 6
+    assert 3 <= done < 5
     write_app(tmp_path / "app", cfg, dataclasses.replace(app, resume=True))
     with LocalFederation(NODES, tmp_path / "fed2", env=env, state_dir=nodes) as fed:
         fed.run(tmp_path / "app", timeout=600)
     flower = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in flower] == list(range(1, 7))
+    assert [r["round"] for r in flower] == list(range(1, 6))
     assert [f["client"] for f in flower[1]["failed_clients"]] == [1]
     assert not any("failed_clients" in r for r in flower[2:]) and not any("client_state_lost" in r for r in flower)
     local, _ = _in_process(cfg, _dropping({(2, 1): "killed"}))

@@ -116,3 +116,27 @@ def test_a_real_worker_is_started_on_demand_and_ends_on_sigterm(tmp_path, monkey
         time.sleep(0.05)
     assert not path.exists() and not path.with_suffix(".pid").exists()
     assert path.with_suffix(".log").exists()  # a request failed: its log (with the traceback) stays
+
+
+def test_the_cli_makes_certificates_and_node_keys_flower_accepts(tmp_path, capsys):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from fedsynsam.cli import main
+
+    assert main(["flower", "tls", str(tmp_path / "tls"), "--host", "10.0.0.5", "--host", "link.example.org"]) == 0
+    cert = x509.load_pem_x509_certificate((tmp_path / "tls" / "server.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    assert names.get_values_for_type(x509.DNSName) == ["link.example.org"]
+    ca = x509.load_pem_x509_certificate((tmp_path / "tls" / "ca.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert (tmp_path / "tls" / "server.key").stat().st_mode & 0o077 == 0
+
+    assert main(["flower", "node-key", str(tmp_path / "n.key")]) == 0
+    assert (tmp_path / "n.key").stat().st_mode & 0o077 == 0
+    private = load_ssh_private_key((tmp_path / "n.key").read_bytes(), None)
+    public = load_ssh_public_key((tmp_path / "n.key.pub").read_bytes())
+    assert private.public_key().public_numbers() == public.public_numbers() and public.curve.name == "secp384r1"
+    assert main(["flower", "node-key", str(tmp_path / "n.key")]) == 2  # never overwritten
+    assert "exists" in capsys.readouterr().err

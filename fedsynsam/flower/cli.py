@@ -5,6 +5,8 @@
   table as ``fedsynsam compare``.
 * ``run``: run one configuration on an existing federation (``--superlink HOST:PORT``).
 * ``app``: write the Flower app folder, for ``flwr run`` by hand.
+* ``tls``: a CA and a SuperLink certificate for your own machines; ``node-key``: a SuperNode's
+  key pair for SuperNode authentication.
 """
 
 from __future__ import annotations
@@ -125,6 +127,32 @@ def _app(args, resolve) -> int:
     return 0
 
 
+def _tls(args) -> int:
+    from .secure import make_tls
+
+    files = make_tls(args.folder, hosts=tuple(args.host), days=args.days)
+    print(
+        f"wrote {files.ca} (give it to every SuperNode and flwr: --root-certificates / root-certificates), "
+        f"{files.cert} and {files.key} (the SuperLink's: --ssl-certfile, --ssl-keyfile; --ssl-ca-certfile {files.ca}); "
+        f"valid for {', '.join(args.host)} for {args.days} days. The CA's own key is not kept: "
+        "make a new set to add an address"
+    )
+    return 0
+
+
+def _node_key(args) -> int:
+    from .secure import make_node_key
+
+    if Path(args.path).exists():
+        raise FileExistsError(f"{args.path} exists; pick another path (a key is never overwritten)")
+    key, pub = make_node_key(args.path)
+    print(
+        f"wrote {key} (stays on the SuperNode's machine: --auth-supernode-private-key {key}) and {pub} "
+        f"(register it: flwr supernode register {pub} YOUR-SUPERLINK)"
+    )
+    return 0
+
+
 def add_parser(sub, add_config_flags, resolve, csv_list, seed_list) -> None:
     """The ``flower`` subcommand of the fedsynsam CLI (the other arguments: its helpers)."""
     flower = sub.add_parser("flower", help="run on Flower's deployment runtime (SuperLink + SuperNodes)")
@@ -173,3 +201,15 @@ def add_parser(sub, add_config_flags, resolve, csv_list, seed_list) -> None:
     common(app)
     add_config_flags(app)
     app.set_defaults(func=lambda a: _app(a, resolve))
+
+    tls = fsub.add_parser("tls", help="a CA and a SuperLink certificate (PEM) for TLS on your own machines")
+    tls.add_argument("folder", help="folder to write ca.pem, server.pem and server.key into")
+    tls.add_argument(
+        "--host", action="append", required=True, help="an IP address or DNS name of the SuperLink (repeatable)"
+    )
+    tls.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
+    tls.set_defaults(func=_tls)
+
+    key = fsub.add_parser("node-key", help="a SuperNode's key pair for --enable-supernode-auth")
+    key.add_argument("path", help="private key file to write (the public key goes to PATH.pub)")
+    key.set_defaults(func=_node_key)

@@ -173,6 +173,8 @@ class LocalFederation:
         state_dir: a folder for the nodes' saved state (node ``i`` gets ``state-dir=STATE_DIR/node-i``
             in its node config; see :mod:`fedsynsam.flower.node`), so that a resumed run, or a
             SuperNode started again, continues from it. None: state in memory only.
+        node_config: more ``key=value`` pairs for every node's ``--node-config`` (e.g.
+            ``"warm-worker=false"``).
 
     Every process gets :data:`LATENCY_ENV` with the SuperExec poll interval of
     :func:`task_poll_interval`, and ``OMP_NUM_THREADS`` = the machine's cores divided by
@@ -188,6 +190,7 @@ class LocalFederation:
         startup_timeout: float = 60.0,
         secure: bool = False,
         state_dir=None,
+        node_config: str = "",
     ):
         if isinstance(supernodes, bool) or not isinstance(supernodes, int) or supernodes < 1:
             raise ValueError(f"supernodes must be an integer >= 1; got {supernodes!r}")
@@ -195,6 +198,7 @@ class LocalFederation:
         self.startup_timeout, self.secure, self.tls = startup_timeout, secure, None
         self.nodes: list[subprocess.Popen] = []  # the SuperNodes of partitions 0 .. supernodes-1
         self.state_dir = None if state_dir is None else Path(state_dir)
+        self.node_config = node_config
         self.token = uuid.uuid4().hex
         self.procs: list[subprocess.Popen] = []
         self.port: int | None = None
@@ -318,6 +322,8 @@ class LocalFederation:
         node_config = f"partition-id={partition} num-partitions={self.supernodes}"
         if self.state_dir is not None:
             node_config += f' state-dir="{(self.state_dir / f"node-{partition}").resolve()}"'
+        if self.node_config:
+            node_config += " " + self.node_config
         return self._spawn(
             [
                 flwr_bin("flower-supernode"),

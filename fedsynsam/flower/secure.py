@@ -58,6 +58,8 @@ def make_tls(folder, hosts=("127.0.0.1", "localhost"), days: int = 30) -> TLSFil
     """
     if not hosts:
         raise ValueError("hosts must name at least one address of the SuperLink, e.g. ('127.0.0.1',)")
+    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+        raise ValueError(f"days must be an integer >= 1; got {days!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)

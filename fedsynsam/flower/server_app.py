@@ -50,9 +50,11 @@ class FlowerClients:
         round_timeout: float,
         connect_timeout: float,
         poll_interval: float = 0.1,
+        discovery_batch: int = 10,
         log=_log,
     ):
         self.grid, self.trainer, self.log = grid, trainer, log
+        self.discovery_batch = discovery_batch
         self.round_timeout, self.poll_interval = round_timeout, poll_interval
         self.pushed, self.seen = 0.0, {}  # when the last exchange pushed; message id -> reply seen
         self.nodes = self._discover(trainer.cfg.clients, connect_timeout)
@@ -103,22 +105,25 @@ class FlowerClients:
         began = time.monotonic()
         deadline = began + timeout
         while len(nodes) < clients:
-            new = [n for n in self.grid.get_node_ids() if n not in asked]
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(clients)) - set(nodes))
+                raise TimeoutError(
+                    f"connect_timeout={timeout:g}s: no SuperNode holds partition-id {missing} of "
+                    f"num-partitions={clients} (start one per partition with --node-config "
+                    f"'partition-id=I num-partitions={clients}'); connected: {sorted(nodes)}"
+                )
+            # a batch at a time: every query starts a ClientApp process (and the node's warm
+            # worker); fifty at once on a small machine outlived Flower's task tokens
+            new = [n for n in self.grid.get_node_ids() if n not in asked][: self.discovery_batch]
+            if not new:
+                time.sleep(0.5)
+                continue
             asked.update(new)
-            for pid, node in self._ask(new, max(deadline - time.monotonic(), 1.0)).items():
+            for pid, node in self._ask(new, min(max(deadline - time.monotonic(), 1.0), 60.0)).items():
                 if pid in nodes:
                     raise ValueError(f"SuperNodes {nodes[pid]} and {node} both hold partition-id={pid}")
                 nodes[pid] = node
             asked -= set(new) - set(nodes.values())  # a node that did not answer is asked again
-            if len(nodes) < clients:
-                if time.monotonic() > deadline:
-                    missing = sorted(set(range(clients)) - set(nodes))
-                    raise TimeoutError(
-                        f"connect_timeout={timeout:g}s: no SuperNode holds partition-id {missing} of "
-                        f"num-partitions={clients} (start one per partition with --node-config "
-                        f"'partition-id=I num-partitions={clients}'); connected: {sorted(nodes)}"
-                    )
-                time.sleep(0.5)
         self.log(f"{clients} SuperNodes connected, one per partition ({time.monotonic() - began:.1f} s)")
         return nodes
 
@@ -194,6 +199,7 @@ class FlowerClients:
                 book["replied"][c] = plan.round
                 if "state_lost" in fields:
                     lost.append({"client": c, "reason": str(fields["state_lost"])})
+                    st.client_syn_version.pop(c, None)  # its copy of D_syn went with its state
                 payload = protocol.check_reply(
                     fields, client=c, round=plan.round, numel=expect_numel, kind=expect_kind, device=tr.device
                 )
@@ -258,6 +264,7 @@ def main(grid: Grid, context: Context) -> None:
         round_timeout=settings.round_timeout,
         connect_timeout=settings.connect_timeout,
         poll_interval=settings.poll_interval,
+        discovery_batch=settings.discovery_batch,
     )
     start = time.perf_counter()
     records = trainer.run(resume=settings.resume, progress=False, clients=_Logged(clients, cfg.rounds))

@@ -31,6 +31,7 @@ class AppSettings:
     round_timeout: float = 120.0  # seconds the server waits for a round's replies; later ones are dropped
     connect_timeout: float = 120.0  # seconds the server waits for one SuperNode per partition
     poll_interval: float = 0.1  # seconds between the server's pulls for replies (Flower's own: 3 s)
+    discovery_batch: int = 10  # SuperNodes asked for their partition at a time when the run starts
     inject_faults: str = ""  # testing fault handling: "KIND:CLIENT@ROUND,..." (see parse_faults)
     resume: bool = False  # continue the run in ``out`` from its checkpoint (fedsynsam flower run --resume)
 
@@ -43,6 +44,9 @@ class AppSettings:
                 raise ValueError(f"{name} must be a number of seconds > 0; got {v!r}")
             setattr(self, name, float(v))
         parse_faults(self.inject_faults)
+        b = self.discovery_batch
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"discovery_batch must be an integer >= 1; got {b!r}")
         if not isinstance(self.resume, bool):
             raise ValueError(f"resume must be true or false; got {self.resume!r}")
         return self
