@@ -140,3 +140,18 @@ def test_the_cli_makes_certificates_and_node_keys_flower_accepts(tmp_path, capsy
     assert private.public_key().public_numbers() == public.public_numbers() and public.curve.name == "secp384r1"
     assert main(["flower", "node-key", str(tmp_path / "n.key")]) == 2  # never overwritten
     assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"discovery_batch": 0}, "discovery_batch must be an integer >= 1"),
+        ({"resume": "yes"}, "resume must be true or false"),
+        ({"poll_interval": 0}, "poll_interval must be a number of seconds > 0"),
+    ],
+)
+def test_bad_app_settings_name_the_setting(setting, message):
+    from fedsynsam.flower.settings import AppSettings
+
+    with pytest.raises(ValueError, match=message):
+        AppSettings(**setting).validate()

@@ -28,7 +28,6 @@ the ClientApp process itself (slower, and the same results).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import signal
 import socket
@@ -72,13 +71,14 @@ def socket_path(node_id: int, superexec_pid: int) -> Path:
 
 
 def enabled(node_config) -> bool:
-    """Whether the node config allows the warm worker (``warm-worker``, default true)."""
+    """Whether the node config allows the warm worker (``warm-worker``, default true) and this
+    system has what it needs (Unix sockets and ``fcntl`` locks: not on Windows)."""
     value = node_config.get("warm-worker", True)
     if isinstance(value, str):
         if value.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"node-config warm-worker must be true or false; got {value!r}")
-        return value.lower() in ("true", "1")
-    return bool(value)
+        value = value.lower() in ("true", "1")
+    return bool(value) and hasattr(socket, "AF_UNIX") and os.name == "posix"
 
 
 # -- framing -------------------------------------------------------------------------
@@ -138,6 +138,8 @@ def start(path: Path, watch_pid: int, *, wait: bool = True) -> None:
     with ``wait``, return once it listens (or died, or ``START_TIMEOUT`` passed).
 
     One caller at a time decides (a lock file), so two messages never start two workers."""
+    import fcntl  # POSIX only, as the worker is (see enabled)
+
     with open(path.with_suffix(".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _listening(path):
