@@ -15,7 +15,7 @@ memory (proportional set size, so shared pages count once) per process kind and 
 SuperNode with its SuperExec and warm worker, and the SuperLink's CPU share.
 
 Runs only with ``--benchmark-only`` (``pytest benchmarks/test_bench_flower_load.py
---benchmark-only -s``; about 10 minutes here): it does not fit the test suite's time.
+--benchmark-only -s``; 25 minutes here): it does not fit the test suite's time.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def memory(pids) -> dict[str, tuple[int, float]]:
 
 def test_flower_load(request, benchmark, table, tmp_path):
     if request.config.getoption("benchmark_disable", False):
-        pytest.skip("the load benchmark runs under --benchmark-only (about 10 minutes); see the module docstring")
+        pytest.skip("the load benchmark runs under --benchmark-only (25 minutes here); see the module docstring")
     injected = faults(NODES, ROUNDS, FAULT_RATE)
     cfg = Config(algorithm="fedavg", compressor="topk", clients=NODES, per_round=PER_ROUND, rounds=ROUNDS).validate()
     out = tmp_path / "out"
