@@ -2,8 +2,8 @@
 run with 10 % of the replies broken at random, and what it costs.
 
 Setting (``FLOWER_LOAD_NODES`` / ``FLOWER_LOAD_ROUNDS`` override the first two): 50 SuperNodes
-(one partition each, without warm workers: see ``NODE_CONFIG``), 10 sampled per round, 30
-rounds, FedAvg + top-k + EF on the embedded digits. Faults: every (round, client) pair fails
+(one partition each, with their warm workers unless ``NODE_CONFIG`` says otherwise), 10
+sampled per round, 30 rounds, FedAvg + top-k + EF on the embedded digits. Faults: every (round, client) pair fails
 with probability 0.1 (seeded), with one of ``raise``, ``flip``, ``truncate``, ``numel``,
 ``kind`` (the app's fault injector; ``hang`` is left out so that rounds are not timed by
 ``round_timeout``).
@@ -15,7 +15,7 @@ memory (proportional set size, so shared pages count once) per process kind and 
 SuperNode with its SuperExec and warm worker, and the SuperLink's CPU share.
 
 Runs only with ``--benchmark-only`` (``pytest benchmarks/test_bench_flower_load.py
---benchmark-only -s``; 25 minutes here): it does not fit the test suite's time.
+--benchmark-only -s``; 17 minutes here): it does not fit the test suite's time.
 """
 
 from __future__ import annotations
@@ -41,10 +41,9 @@ PER_ROUND = 10
 FAULT_RATE = 0.1
 KINDS = ("raise", "flip", "truncate", "numel", "kind")
 TICK = os.sysconf("SC_CLK_TCK")
-# the warm workers' torch (about 170 MB each, PSS) does not fit 50 nodes in this machine's 24 GB
-# next to the SuperNodes and SuperExecs: by default each message imports torch in its ClientApp
-# instead (FLOWER_LOAD_NODE_CONFIG="" turns the workers back on)
-NODE_CONFIG = os.environ.get("FLOWER_LOAD_NODE_CONFIG", "warm-worker=false")
+# extra node config: "" runs the nodes as deployed (a warm worker each, 354 MB per node here);
+# FLOWER_LOAD_NODE_CONFIG="warm-worker=false" imports torch per message instead (185 MB per node)
+NODE_CONFIG = os.environ.get("FLOWER_LOAD_NODE_CONFIG", "")
 
 
 def faults(nodes: int, rounds: int, rate: float, seed: int = 0) -> dict[tuple[int, int], str]:
@@ -100,7 +99,7 @@ def memory(pids) -> dict[str, tuple[int, float]]:
 
 def test_flower_load(request, benchmark, table, tmp_path):
     if request.config.getoption("benchmark_disable", False):
-        pytest.skip("the load benchmark runs under --benchmark-only (25 minutes here); see the module docstring")
+        pytest.skip("the load benchmark runs under --benchmark-only (17 minutes here); see the module docstring")
     injected = faults(NODES, ROUNDS, FAULT_RATE)
     cfg = Config(algorithm="fedavg", compressor="topk", clients=NODES, per_round=PER_ROUND, rounds=ROUNDS).validate()
     out = tmp_path / "out"
