@@ -8,12 +8,14 @@ network splits them (:mod:`fedsynsam.rounds`):
   each round's sampled clients are Flower messages.
 * :mod:`.client_app` -- the ClientApp: the client half (local steps with the algorithm's
   perturbation, then error-feedback compression); the payload goes up as its fedcomp
-  bytes; the EF residual stays in the node's context state and is never sent.
+  bytes; the EF residual stays on the node (context state, or ``state-dir`` on disk) and is
+  never sent.
 * :mod:`.node` -- what a ``train`` message does on a SuperNode; :mod:`.worker` -- the
   SuperNode's warm worker process that runs it (Flower starts a process per message).
 * :mod:`.protocol` -- what the messages hold, and the checks on every reply.
 * :mod:`.settings` -- the run config: every :class:`~fedsynsam.config.Config` setting plus
-  the app's own (``out``, ``round_timeout``, ``connect_timeout``, ``inject_faults``).
+  the app's own (``out``, ``round_timeout``, ``connect_timeout``, ``resume``, ...).
+* :mod:`.secure` -- TLS certificates and SuperNode keys (``fedsynsam flower tls`` / ``node-key``).
 * :mod:`.deploy` -- a local federation (one SuperLink, N SuperNodes on 127.0.0.1 with free
   ports) that the tests and ``fedsynsam flower demo`` start and always tear down.
 
