@@ -82,20 +82,28 @@ class FlowerClients:
             time.sleep(min(self.poll_interval, left))
         return replies
 
-    def _ask(self, node_ids, timeout: float) -> dict[int, int]:
-        """``partition-id -> node id`` from the nodes ``node_ids`` that answered a query in ``timeout``."""
+    def _ask(self, node_ids, timeout: float, refused: set | None = None) -> dict[int, int]:
+        """``partition-id -> node id`` from the nodes ``node_ids`` that answered a query in ``timeout``.
+
+        A node that cannot serve this run, or claims a partition another one holds, raises
+        ValueError; with a ``refused`` set it is added there instead (a run in progress goes on)."""
         msgs = [Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY, ttl=timeout) for n in node_ids]
         found: dict[int, int] = {}
         for reply in self.exchange(msgs, timeout) if msgs else ():
             node = reply.metadata.src_node_id
             if reply.has_error() and reply.error.code in _UNAVAILABLE:
                 continue  # Flower's own: the query expired unanswered or its node left
-            if reply.has_error():
-                raise ValueError(f"SuperNode {node} cannot serve this run: {_reason(reply)}")
-            pid = int(reply.content[protocol.RECORD]["partition-id"])
+            problem = f"SuperNode {node} cannot serve this run: {_reason(reply)}" if reply.has_error() else None
+            pid = None if problem else int(reply.content[protocol.RECORD]["partition-id"])
             if pid in found:
-                raise ValueError(f"SuperNodes {found[pid]} and {node} both hold partition-id={pid}")
-            found[pid] = node
+                problem = f"SuperNodes {found[pid]} and {node} both hold partition-id={pid}"
+            if problem is None:
+                found[pid] = node
+            elif refused is None:
+                raise ValueError(problem)
+            else:
+                self.log(problem)
+                refused.add(node)
         return found
 
     def _discover(self, clients: int, timeout: float) -> dict[int, int]:
@@ -134,7 +142,7 @@ class FlowerClients:
         new = set(self.grid.get_node_ids()) - set(self.nodes.values()) - self.strangers
         if not new:
             return
-        found = self._ask(sorted(new), min(self.round_timeout, 30.0))
+        found = self._ask(sorted(new), min(self.round_timeout, 30.0), refused=self.strangers)
         for pid, node in found.items():
             if 0 <= pid < self.trainer.cfg.clients:
                 self.log(
@@ -161,13 +169,11 @@ class FlowerClients:
         checkpointed = (plan.round // tr.cfg.checkpoint_every) * tr.cfg.checkpoint_every
         expect_kind = "identity" if isinstance(uplink, ModelCompressor) else uplink.kind
         expect_numel = uplink.floats() if isinstance(uplink, ModelCompressor) else tr.numel
-        msgs, down, sent_syn = {}, 0, set()
+        msgs, down = {}, 0
         for j, c in enumerate(plan.clients):
             send_syn = tr.hand_synthetic(plan, c)
             fields, nbytes = protocol.encode_plan(plan, c, plan.first_call + j, book["accepted"].get(c, -1), send_syn)
             fields.update(run_key=book["run_key"], replied_round=book["replied"].get(c, -1), checkpointed=checkpointed)
-            if send_syn:
-                sent_syn.add(c)
             down += nbytes
             content = RecordDict({protocol.RECORD: ConfigRecord(fields)})
             msg = Message(
