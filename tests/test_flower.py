@@ -114,7 +114,8 @@ def test_faults_cost_one_client_and_do_not_advance_its_error_feedback(federation
     # round 2: every client fails (the model is kept); then one fault of each kind; hang last
     faults = "raise:0@2,flip:1@2,truncate:2@2,numel:0@3,kind:1@4,truncate:0@4,hang:2@5"
     cfg = _cfg(algorithm="fedavg", compressor="topk", rounds=5, per_round=NODES)
-    flower = _flower_run(federation, tmp_path, cfg, round_timeout=15.0, inject_faults=faults)
+    # round_timeout: twice the slowest honest round seen on 2 loaded cores (13 s); round 5 waits it out
+    flower = _flower_run(federation, tmp_path, cfg, round_timeout=25.0, inject_faults=faults)
     expected = {
         (2, 0): "injected fault",
         (2, 1): "checksum mismatch",
@@ -122,7 +123,7 @@ def test_faults_cost_one_client_and_do_not_advance_its_error_feedback(federation
         (3, 0): "entries; expected",
         (4, 1): "payload is 'sign'",
         (4, 0): "truncated",
-        (5, 2): "no reply within round_timeout=15s",
+        (5, 2): "no reply within round_timeout=25s",
     }
     for (rnd, client), text in expected.items():
         failed = {f["client"]: f["reason"] for f in flower[rnd - 1].get("failed_clients", [])}
@@ -149,12 +150,13 @@ def test_a_run_resumes_after_kill_9_of_its_superlink_and_a_restarted_supernode(t
     """Round 2: SuperNode 1 is killed (kill -9) while it works on its message and started again;
     the round records client 1 as failed and the run goes on, client 1 on its new node. After
     round 3 the SuperLink is killed (kill -9), the whole federation is gone; a new one on the same
-    node state folders resumes the run from its checkpoint. The 5 rounds equal an uninterrupted
+    node state folders resumes the run from its checkpoint. The 4 rounds equal an uninterrupted
     in-process run with client 1's round-2 payload dropped: every node continued from its saved
     residual (no state lost), the restarted one included."""
-    cfg = _cfg(algorithm="fedavg", compressor="topk", rounds=5, per_round=NODES)
+    cfg = _cfg(algorithm="fedavg", compressor="topk", rounds=4, per_round=NODES)
     out, nodes = tmp_path / "out", tmp_path / "nodes"
-    app = AppSettings(out=str(out), connect_timeout=90, round_timeout=12.0, inject_faults="hang:1@2")
+    # round_timeout: twice the slowest honest round seen on 2 loaded cores (13 s); round 2 waits it out
+    app = AppSettings(out=str(out), connect_timeout=90, round_timeout=25.0, inject_faults="hang:1@2")
     write_app(tmp_path / "app", cfg, app)
     env = {"OMP_NUM_THREADS": "1"}
     with LocalFederation(NODES, tmp_path / "fed1", env=env, state_dir=nodes) as fed:
@@ -163,7 +165,7 @@ def test_a_run_resumes_after_kill_9_of_its_superlink_and_a_restarted_supernode(t
         run.start()
         try:
             _wait_for_rounds(out, 1)
-            time.sleep(4.0)  # round 2's messages are out; node 1 hangs in its (injected) work
+            _wait_for_file(nodes, "node-1/run-*/client-1.round-1.state")  # node 1 saved round 2 and hangs
             fed.nodes[1].kill()
             fed.nodes[1].wait()
             fed.nodes[1] = fed.add_supernode(1, name="supernode-1-again")
@@ -174,17 +176,28 @@ def test_a_run_resumes_after_kill_9_of_its_superlink_and_a_restarted_supernode(t
         assert failure and isinstance(failure[0], FlowerRunError), failure
         assert "partition 1 is now on SuperNode" in (fed.workdir / "run-1.log").read_text()
     assert fed.alive() == []
-    done = len(out.joinpath("metrics.jsonl").read_text().splitlines())
-    assert 3 <= done < 5
+    assert len(out.joinpath("metrics.jsonl").read_text().splitlines()) == 3
     write_app(tmp_path / "app", cfg, dataclasses.replace(app, resume=True))
     with LocalFederation(NODES, tmp_path / "fed2", env=env, state_dir=nodes) as fed:
         fed.run(tmp_path / "app", timeout=600)
     flower = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in flower] == list(range(1, 6))
+    assert [r["round"] for r in flower] == list(range(1, 5))
     assert [f["client"] for f in flower[1]["failed_clients"]] == [1]
-    assert not any("failed_clients" in r for r in flower[2:]) and not any("client_state_lost" in r for r in flower)
+    unexpected = [
+        {k: r[k] for k in ("round", "failed_clients", "client_state_lost") if k in r}
+        for i, r in enumerate(flower)
+        if (i >= 2 and "failed_clients" in r) or "client_state_lost" in r
+    ]
+    assert not unexpected, unexpected
     local, _ = _in_process(cfg, _dropping({(2, 1): "killed"}))
     assert _without_reasons(strip_seconds(flower)) == _without_reasons(strip_seconds(local))
+
+
+def _wait_for_file(folder, pattern: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(folder.glob(pattern)):
+        assert time.monotonic() < deadline, f"no {pattern} in {folder} within {timeout:g}s"
+        time.sleep(0.1)
 
 
 def _raises(fn, *args, **kw):
