@@ -118,9 +118,9 @@ def test_strategy_decodes_payloads_weights_them_and_drops_corrupt_ones():
 
 def test_the_example_app_learns_with_compressed_uploads(federation, tmp_path):
     out = tmp_path / "results.json"
-    (tmp_path / "run.toml").write_text(f'num-server-rounds = 4\nout = "{out}"\n')
+    (tmp_path / "run.toml").write_text(f'num-server-rounds = 3\nout = "{out}"\n')
     log = federation.run(EXAMPLE, tmp_path / "run.toml", timeout=600)
     results = json.loads(out.read_text())["rounds"]
-    assert [r["round"] for r in results] == [0, 1, 2, 3, 4]
+    assert [r["round"] for r in results] == [0, 1, 2, 3]
     assert results[-1]["test_acc"] > results[0]["test_acc"] + 0.2, results
     assert "fedcomp: round" not in log  # no payload was refused
