@@ -138,12 +138,20 @@ def test_faults_cost_one_client_and_do_not_advance_its_error_feedback(federation
     assert _without_reasons(strip_seconds(flower)) == _without_reasons(strip_seconds(local))
 
 
-def _wait_for_rounds(out, rounds: int, timeout: float = 300.0) -> None:
+def _wait_until(done, what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"{what} within {timeout:g}s"
+        time.sleep(0.1)
+
+
+def _wait_for_rounds(out, rounds: int, timeout: float = 300.0) -> None:
     metrics = out / "metrics.jsonl"
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= rounds):
-        assert time.monotonic() < deadline, f"round {rounds} did not finish within {timeout:g}s"
-        time.sleep(0.2)
+    _wait_until(
+        lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= rounds,
+        f"round {rounds} did not finish",
+        timeout,
+    )
 
 
 def test_a_run_resumes_after_kill_9_of_its_superlink_and_a_restarted_supernode(tmp_path):
@@ -165,7 +173,8 @@ def test_a_run_resumes_after_kill_9_of_its_superlink_and_a_restarted_supernode(t
         run.start()
         try:
             _wait_for_rounds(out, 1)
-            _wait_for_file(nodes, "node-1/run-*/client-1.round-1.state")  # node 1 saved round 2 and hangs
+            # node 1 saved its round-2 state and now hangs in its (injected) work
+            _wait_until(lambda: any(nodes.glob("node-1/run-*/client-1.round-1.state")), "no round-2 state", 60.0)
             fed.nodes[1].kill()
             fed.nodes[1].wait()
             fed.nodes[1] = fed.add_supernode(1, name="supernode-1-again")
@@ -191,13 +200,6 @@ def test_a_run_resumes_after_kill_9_of_its_superlink_and_a_restarted_supernode(t
     assert not unexpected, unexpected
     local, _ = _in_process(cfg, _dropping({(2, 1): "killed"}))
     assert _without_reasons(strip_seconds(flower)) == _without_reasons(strip_seconds(local))
-
-
-def _wait_for_file(folder, pattern: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not list(folder.glob(pattern)):
-        assert time.monotonic() < deadline, f"no {pattern} in {folder} within {timeout:g}s"
-        time.sleep(0.1)
 
 
 def _raises(fn, *args, **kw):
